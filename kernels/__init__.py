@@ -1,0 +1,1 @@
+"""Fused kernels for RAN, each beside its plain-PyTorch reference."""
