@@ -1,1 +1,47 @@
-"""ran_peft: robust fine-tuning of vision-language models (RAN) as a PEFT adapter."""
+"""ran_peft: robust fine-tuning of vision-language models with RAN (Rectify Adversarial Noise) as a PEFT adapter.
+
+`get_peft_model(model, RANConfig(...))` builds the adapter; `RANCallback` makes the stock Trainer train it.
+"""
+
+__version__ = "0.1.0"
+
+from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
+from ran_peft.callback import RANCallback, find_ran_config
+from ran_peft.config import RAN_CONFIG_NAME, RANConfig
+from ran_peft.families import (
+    DualEncoderFamily,
+    GenerativeFamily,
+    ImageClassifierFamily,
+    ModelFamily,
+    UnsupportedModelError,
+    detect_family,
+)
+from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
+from ran_peft.pixels import PixelBox
+from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
+
+__all__ = [
+    "RAN_CONFIG_NAME",
+    "AttackBudget",
+    "DualEncoderFamily",
+    "GenerativeFamily",
+    "ImageClassifierFamily",
+    "ModelFamily",
+    "PixelBox",
+    "RANCallback",
+    "RANConfig",
+    "RANOutput",
+    "RANTrainingWrapper",
+    "TextPerturbation",
+    "UnsupportedModelError",
+    "attack_mode",
+    "covariance_offdiagonal",
+    "detect_family",
+    "feature_consistency",
+    "find_ran_config",
+    "pgd_perturb",
+    "ran_loss",
+    "rectification_kl",
+    "resolve_pixel_box",
+    "spectrum_flatness",
+]

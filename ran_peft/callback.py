@@ -1,0 +1,87 @@
+"""`RANCallback`: with it in `callbacks=[...]`, the stock `transformers.Trainer` trains RAN.
+
+Thin glue: it wraps the model's forward with `RANTrainingWrapper` for the length of training, keeps the noise
+warm-up in step with the Trainer, and puts the loss parts into the Trainer's logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from ran_peft.config import RANConfig
+from ran_peft.pixels import PixelBox
+from ran_peft.training import RANTrainingWrapper, resolve_pixel_box
+
+
+def find_ran_config(model: torch.nn.Module) -> RANConfig | None:
+    """The `RANConfig` of the model's active adapter, if it has one."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, Mapping):
+        return None
+    active = getattr(model, "active_adapter", None)
+    names = active if isinstance(active, (list, tuple)) else [active]
+    for name in names:
+        config = peft_config.get(name)
+        if isinstance(config, RANConfig):
+            return config
+    return None
+
+
+class RANCallback(TrainerCallback):
+    """Train RAN with the stock `transformers.Trainer`.
+
+    Args:
+        config: the recipe. Default: the `RANConfig` the model was made with (`get_peft_model(model, RANConfig())`).
+        pixel_box: the pixel normalisation. Default: the config's `image_mean`/`image_std`, else the Trainer's
+            `processing_class` (an image processor or a multi-modal processor).
+        class_text_inputs: for dual encoders trained as prompt-based classifiers, the tokenised class prompts
+            (`input_ids`, `attention_mask`; one row per class, in label order).
+
+    The loss parts (`ran/clean`, `ran/adversarial`, `ran/kl`, ...) are averaged between logging steps and added to
+    the Trainer's logs and `state.log_history`.
+    """
+
+    def __init__(
+        self,
+        config: RANConfig | None = None,
+        pixel_box: PixelBox | None = None,
+        class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    ):
+        self.config = config
+        self.pixel_box = pixel_box
+        self.class_text_inputs = class_text_inputs
+        self.wrapper: RANTrainingWrapper | None = None
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if model is None:
+            raise ValueError("RANCallback needs the Trainer's model (the Trainer passes it to its callbacks).")
+        config = self.config or find_ran_config(model)
+        if config is None:
+            raise ValueError(
+                "RANCallback found no RANConfig: build the model with `get_peft_model(model, RANConfig(...))` or pass "
+                "`RANCallback(config=RANConfig(...))`."
+            )
+        box = self.pixel_box or resolve_pixel_box(config, processing_class)
+        self.wrapper = RANTrainingWrapper(model, config, box, self.class_text_inputs)
+        self.wrapper.step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.wrapper is not None:
+            self.wrapper.step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.wrapper is None or logs is None or "loss" not in logs:
+            return
+        parts = self.wrapper.pop_logged_parts()
+        logs.update(parts)
+        # The Trainer appended a copy of `logs` to the history before calling us: keep the two the same.
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(parts)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.wrapper is not None:
+            self.wrapper.remove()
+            self.wrapper = None

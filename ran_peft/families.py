@@ -1,0 +1,252 @@
+"""What RAN needs to know about a model: how to run it on (perturbed) pixels, its task loss, its predictive
+distribution and its image features. Families are recognised from the forward signature, not from a name list.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Forward = Callable[..., Any]
+
+
+class UnsupportedModelError(TypeError):
+    """The model cannot be trained with RAN; the message says what is missing."""
+
+
+@dataclass
+class FamilyOutput:
+    """One forward pass, reduced to what the recipe uses."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor  # predictive logits, rows over the last dim
+    logits_mask: torch.Tensor | None  # which rows count (None: all)
+    features: torch.Tensor | None  # pooled image features [B, D] when asked for
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT and DDP wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _pool(hidden: torch.Tensor) -> torch.Tensor:
+    if hidden.dim() == 4:  # convolutional maps [B, C, H, W]
+        return hidden.float().mean(dim=(-2, -1))
+    if hidden.dim() == 3:  # token sequences [B, T, D]
+        return hidden.float().mean(dim=1)
+    return hidden.float().flatten(1)
+
+
+def _get(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+class ModelFamily:
+    """A kind of model: subclasses say how one forward pass gives loss, logits and features."""
+
+    name = "base"
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        if "pixel_values" not in inputs or not torch.is_tensor(inputs["pixel_values"]):
+            raise ValueError(
+                f"RAN needs `pixel_values` (a tensor) in every batch; this batch has keys {sorted(inputs)}."
+            )
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.numel() == 0:
+            raise ValueError("RAN got an empty batch (`pixel_values` has no elements).")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("`pixel_values` holds NaN or inf: fix the data pipeline (RAN will not attack it).")
+
+    def run(
+        self,
+        forward: Forward,
+        inputs: Mapping[str, Any],
+        pixel_values: torch.Tensor,
+        *,
+        want_features: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> FamilyOutput:
+        raise NotImplementedError
+
+    def count_items(self, inputs: Mapping[str, Any]) -> int:
+        """How many loss items this batch holds, counted as `transformers.Trainer` counts them."""
+        labels = inputs.get("labels")
+        return int(labels.ne(-100).sum()) if torch.is_tensor(labels) else int(inputs["pixel_values"].shape[0])
+
+
+class ImageClassifierFamily(ModelFamily):
+    """`...ForImageClassification`: cross-entropy on class logits; features are the pooled last hidden state."""
+
+    name = "image_classifier"
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        super().check_inputs(inputs)
+        if inputs.get("labels") is None:
+            raise ValueError("an image classifier needs `labels` in the batch to train with RAN.")
+
+    def run(self, forward, inputs, pixel_values, *, want_features=False, extra=None):
+        kwargs = {**inputs, **(extra or {}), "pixel_values": pixel_values}
+        if want_features:
+            kwargs["output_hidden_states"] = True
+        outputs = forward(**kwargs)
+        features = None
+        if want_features:
+            hidden_states = _get(outputs, "hidden_states")
+            features = _pool(hidden_states[-1]) if hidden_states else None
+        return FamilyOutput(_get(outputs, "loss"), _get(outputs, "logits"), None, features)
+
+
+class DualEncoderFamily(ModelFamily):
+    """CLIP / SigLIP-style dual encoders.
+
+    With `labels` and class prompts (`class_input_ids`, optional `class_attention_mask`, in the batch or given to
+    RAN once), the task is prompt-based classification: cross-entropy over image-to-prompt logits. Otherwise it
+    is the model's own contrastive (InfoNCE or sigmoid) loss over the batch's image-caption pairs.
+    """
+
+    name = "dual_encoder"
+
+    def __init__(self, class_text_inputs: Mapping[str, torch.Tensor] | None = None):
+        self.class_text_inputs = dict(class_text_inputs) if class_text_inputs is not None else None
+
+    def _class_prompts(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        if "class_input_ids" in inputs:
+            prompts = {"input_ids": inputs["class_input_ids"]}
+            if inputs.get("class_attention_mask") is not None:
+                prompts["attention_mask"] = inputs["class_attention_mask"]
+            return prompts
+        return self.class_text_inputs
+
+    def check_inputs(self, inputs):
+        super().check_inputs(inputs)
+        if inputs.get("labels") is not None:
+            if self._class_prompts(inputs) is None:
+                raise ValueError(
+                    "a dual encoder batch with `labels` needs class prompts: put `class_input_ids` in the batch or "
+                    "pass `class_text_inputs` (the tokenised prompts, one per class) to RAN."
+                )
+        elif inputs.get("input_ids") is None:
+            raise ValueError(
+                "a dual encoder batch needs either `input_ids` (captions, for the contrastive loss) or `labels` with "
+                "class prompts (for prompt-based classification)."
+            )
+
+    def run(self, forward, inputs, pixel_values, *, want_features=False, extra=None):
+        labels = inputs.get("labels")
+        if labels is not None:
+            prompts = self._class_prompts(inputs)
+            device = pixel_values.device
+            kwargs = {key: value.to(device) for key, value in prompts.items()}
+            outputs = forward(pixel_values=pixel_values, **kwargs, **(extra or {}))
+            logits = _get(outputs, "logits_per_image")
+            loss = F.cross_entropy(logits.float(), labels.to(device))
+        else:
+            skip = {"labels", "class_input_ids", "class_attention_mask", "return_loss"}
+            kwargs = {key: value for key, value in inputs.items() if key not in skip}
+            kwargs.update(extra or {})
+            outputs = forward(**{**kwargs, "pixel_values": pixel_values, "return_loss": True})
+            logits = _get(outputs, "logits_per_image")
+            loss = _get(outputs, "loss")
+        features = _get(outputs, "image_embeds") if want_features else None
+        return FamilyOutput(loss, logits, None, features.float() if features is not None else None)
+
+    def count_items(self, inputs):
+        return int(inputs["pixel_values"].shape[0])
+
+
+class GenerativeFamily(ModelFamily):
+    """Generative VLMs (LLaVA-style, BLIP, PaliGemma, ...): the language-model loss on the answer tokens.
+
+    The predictive distribution is the next-token distribution at every position whose next label counts.
+    """
+
+    name = "generative"
+
+    _feature_names = ("image_hidden_states", "image_embeds")
+
+    def check_inputs(self, inputs):
+        super().check_inputs(inputs)
+        if inputs.get("labels") is None:
+            raise ValueError("a generative VLM needs `labels` (answer tokens, -100 elsewhere) to train with RAN.")
+
+    def run(self, forward, inputs, pixel_values, *, want_features=False, extra=None):
+        kwargs = {**inputs, **(extra or {}), "pixel_values": pixel_values}
+        outputs = forward(**kwargs)
+        logits = _get(outputs, "logits")
+        labels = inputs["labels"].to(logits.device)
+        if logits.shape[:2] != labels.shape[:2]:
+            raise ValueError(
+                f"logits cover {tuple(logits.shape[:2])} positions but labels {tuple(labels.shape[:2])}: RAN needs one "
+                "label per input position (use the processor's expanded image tokens)."
+            )
+        mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        mask[:, :-1] = labels[:, 1:].ne(-100)
+        features = self._image_features(outputs, pixel_values.shape[0]) if want_features else None
+        return FamilyOutput(_get(outputs, "loss"), logits, mask, features)
+
+    def _image_features(self, outputs: Any, batch: int) -> torch.Tensor | None:
+        candidates = [_get(outputs, name) for name in self._feature_names]
+        vision = _get(outputs, "image_outputs")  # transformers >= 5: the vision tower's own output
+        if vision is not None:
+            candidates += [_get(vision, "pooler_output"), _get(vision, "last_hidden_state")]
+        for value in candidates:
+            if torch.is_tensor(value):
+                return _pool(value.reshape(batch, -1, value.shape[-1]))
+        return None
+
+    def count_items(self, inputs):
+        return int(inputs["labels"][..., 1:].ne(-100).sum())
+
+
+def detect_family(model: nn.Module, class_text_inputs: Mapping[str, torch.Tensor] | None = None) -> ModelFamily:
+    """Recognise the model family from the base model's forward signature and generation ability."""
+    base = unwrap_model(model)
+    parameters = inspect.signature(base.forward).parameters
+    name = type(base).__name__
+    if "pixel_values" not in parameters:
+        raise UnsupportedModelError(
+            f"{name} cannot be trained with RAN: its forward takes no `pixel_values`, so there is no image to attack. "
+            "RAN needs a vision model (image classifier, dual encoder such as CLIP/SigLIP, or a generative VLM)."
+        )
+    if "return_loss" in parameters:
+        return DualEncoderFamily(class_text_inputs)
+    if "labels" in parameters:
+        can_generate = getattr(base, "can_generate", None)
+        if callable(can_generate) and can_generate():
+            return GenerativeFamily()
+        return ImageClassifierFamily()
+    raise UnsupportedModelError(
+        f"{name} cannot be trained with RAN: its forward returns no training loss (it takes neither `labels` nor "
+        "`return_loss`). Use a model with a head: `...ForImageClassification`, a dual encoder such as `CLIPModel`, "
+        "or a generative VLM such as `LlavaForConditionalGeneration`."
+    )
+
+
+def token_embedding(model: nn.Module) -> nn.Module:
+    """The module whose output is the text token embeddings (where the text attack adds its perturbation)."""
+    base = unwrap_model(model)
+    try:
+        module = base.get_input_embeddings()
+        if module is not None:
+            return module
+    except (NotImplementedError, AttributeError):
+        pass
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Embedding) and name.split(".")[-1] in (
+            "token_embedding",
+            "embed_tokens",
+            "word_embeddings",
+        ):
+            return module
+    raise UnsupportedModelError(f"{type(base).__name__} has no token embedding: the text attack needs one.")

@@ -1,0 +1,109 @@
+"""The valid pixel box of a model's normalised inputs, and budgets in [0, 1] pixel units.
+
+Attack budgets are stated in pixel units; models see pixels normalised per channel by an image processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def _as_channel_tuple(name: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        value = [value]
+    try:
+        values = tuple(float(v) for v in value)
+    except TypeError as error:
+        raise ValueError(f"`{name}` must be a number or a sequence of numbers, got {value!r}.") from error
+    if not values:
+        raise ValueError(f"`{name}` must not be empty.")
+    return values
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """Per-channel normalisation `x = (p - mean) / std` of pixels `p` in [0, 1].
+
+    The channel dimension of a pixel tensor is `-3` (`(..., C, H, W)`). A box with one channel broadcasts over
+    any number of channels.
+    """
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        mean = _as_channel_tuple("mean", self.mean)
+        std = _as_channel_tuple("std", self.std)
+        if any(s <= 0 for s in std):
+            raise ValueError(f"`std` must be positive in every channel, got {std}.")
+        if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+            raise ValueError(f"`mean` has {len(mean)} channels but `std` has {len(std)}: they must match.")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> PixelBox | None:
+        """Read `image_mean` / `image_std` from an image processor or a multi-modal processor.
+
+        Returns None when the object carries no normalisation (the caller decides what that means).
+        """
+        for candidate in (processor, getattr(processor, "image_processor", None)):
+            if candidate is None:
+                continue
+            mean, std = getattr(candidate, "image_mean", None), getattr(candidate, "image_std", None)
+            if mean is None or std is None:
+                continue
+            if getattr(candidate, "do_normalize", True) is False:
+                return cls()
+            return cls(tuple(mean), tuple(std))
+        return None
+
+    @property
+    def channels(self) -> int:
+        return max(len(self.mean), len(self.std))
+
+    def _vector(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+        channels = like.shape[-3] if like.dim() >= 3 else 1
+        vector = torch.tensor(values, dtype=torch.float32, device=like.device)
+        if vector.numel() == 1:
+            vector = vector.expand(channels)
+        if vector.numel() != channels:
+            raise ValueError(
+                f"the pixel box has {vector.numel()} channels but the pixel tensor has {channels} "
+                f"(shape {tuple(like.shape)}, channels at dim -3): pass the image processor that made these pixels."
+            )
+        return vector.contiguous()
+
+    def std_vector(self, like: torch.Tensor) -> torch.Tensor:
+        return self._vector(self.std, like)
+
+    def bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel lower and upper bounds of the valid box in normalised units, shape `[C]`."""
+        mean = self._vector(self.mean, like)
+        std = self._vector(self.std, like)
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def clamp(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        lower, upper = self.bounds(pixel_values)
+        shape = (-1, 1, 1)
+        return torch.maximum(torch.minimum(pixel_values, upper.view(shape)), lower.view(shape)).to(pixel_values.dtype)
+
+    def to_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised values back to [0, 1] pixel units."""
+        mean = self._vector(self.mean, pixel_values).view(-1, 1, 1)
+        std = self._vector(self.std, pixel_values).view(-1, 1, 1)
+        return pixel_values.float() * std + mean
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = self._vector(self.mean, pixels).view(-1, 1, 1)
+        std = self._vector(self.std, pixels).view(-1, 1, 1)
+        return (pixels.float() - mean) / std
+
+    def linf_in_pixels(self, delta: torch.Tensor) -> torch.Tensor:
+        """The L-infinity size of a normalised perturbation in pixel units, per sample (leading dims kept)."""
+        std = self._vector(self.std, delta).view(-1, 1, 1)
+        return (delta.float() * std).abs().flatten(-3).amax(-1)

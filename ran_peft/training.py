@@ -1,0 +1,306 @@
+"""One RAN training step as a loss: `ran_loss` for a plain PyTorch loop, and `RANTrainingWrapper`, which puts
+it behind a model's `forward` so that any loop calling `model(**batch).loss` (the stock Trainer) trains RAN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
+from ran_peft.config import RANConfig
+from ran_peft.families import DualEncoderFamily, FamilyOutput, ModelFamily, detect_family, token_embedding
+from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
+from ran_peft.pixels import PixelBox
+
+LOSS_PARTS = ("clean", "adversarial", "kl", "consistency", "covariance", "spectrum")
+
+
+@dataclass
+class RANOutput(ModelOutput):
+    """The loss of one RAN step, its parts (detached, for logging) and the clean logits."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] | None = None
+    adversarial_pixel_values: torch.Tensor | None = None
+
+
+def resolve_pixel_box(config: RANConfig, processor: Any = None) -> PixelBox:
+    """The pixel normalisation: the config's `image_mean`/`image_std` first, then the processor's."""
+    if config.image_mean is not None:
+        return PixelBox(tuple(config.image_mean), tuple(config.image_std))
+    box = PixelBox.from_processor(processor) if processor is not None else None
+    if box is None:
+        raise ValueError(
+            "RAN needs the pixel normalisation to turn its budget from pixel units into model units: pass the "
+            "image processor (Trainer's `processing_class`, or `pixel_box=PixelBox.from_processor(processor)`), "
+            "or set `image_mean` and `image_std` in RANConfig."
+        )
+    return box
+
+
+def _feature_terms(config: RANConfig, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    terms = {}
+    if config.covariance_weight > 0 or config.spectrum_weight > 0:
+        if features is None:
+            raise ValueError("this model exposes no image features, so covariance/spectrum weights must be 0.")
+        if config.covariance_weight > 0:
+            terms["covariance"] = covariance_offdiagonal(features)
+        if config.spectrum_weight > 0:
+            terms["spectrum"] = spectrum_flatness(features, config.spectrum_top_k)
+    return terms
+
+
+def _reference_features(model: nn.Module, family: ModelFamily, forward, inputs, pixel_values) -> torch.Tensor:
+    disable_adapter = getattr(model, "disable_adapter", None)
+    if disable_adapter is None:
+        raise ValueError(
+            "consistency_weight > 0 needs a PEFT model (the reference is the adapter-disabled model); got "
+            f"{type(model).__name__}."
+        )
+    with torch.no_grad(), attack_mode(model), disable_adapter():
+        features = family.run(forward, inputs, pixel_values, want_features=True).features
+    if features is None:
+        raise ValueError("this model exposes no image features, so consistency_weight must be 0.")
+    return features
+
+
+def _gradient_surrogate(parameters: list[torch.Tensor], gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """A term worth exactly 0 whose gradient with respect to each parameter is the given gradient."""
+    total = None
+    for parameter, gradient in zip(parameters, gradients):
+        if gradient is None:
+            continue
+        term = (parameter * gradient.to(parameter.dtype)).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total - total.detach()
+
+
+def ran_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    config: RANConfig,
+    *,
+    pixel_box: PixelBox | None = None,
+    step: int = 0,
+    forward=None,
+    family: ModelFamily | None = None,
+    class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> RANOutput:
+    """The RAN loss of one batch. Call `.loss.backward()` on the result, as with any model output.
+
+    `step` is the optimiser step (it drives the noise warm-up). `forward` is what runs the model (default: the
+    model itself). With `epsilon=0`, `text_epsilon=0` and every rectification weight 0 this is the task loss.
+    """
+    family = family or detect_family(model, class_text_inputs)
+    forward = forward or model
+    inputs = dict(inputs)
+    num_items_in_batch = inputs.pop("num_items_in_batch", None)
+    family.check_inputs(inputs)
+    box = pixel_box or resolve_pixel_box(config)
+    extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+    # When the Trainer passes `num_items_in_batch`, the model normalises its task loss over the whole accumulated
+    # batch; our own terms are batch means, so they get this batch's share of the items.
+    share = family.count_items(inputs) / float(num_items_in_batch) if num_items_in_batch else 1.0
+
+    ramp = config.ramp(step)
+    epsilon, text_epsilon = config.epsilon * ramp, config.text_epsilon * ramp
+    kl_weight = config.kl_weight * ramp
+    mix = config.adversarial_weight
+    pixel_values = inputs["pixel_values"]
+    wants_features = config.covariance_weight > 0 or config.spectrum_weight > 0
+    parts: dict[str, torch.Tensor] = {}
+
+    if epsilon == 0 and text_epsilon == 0:
+        clean = family.run(forward, inputs, pixel_values, want_features=wants_features, extra=extra)
+        loss = clean.loss
+        parts["clean"] = clean.loss.detach()
+        for name, term in _feature_terms(config, clean.features).items():
+            loss = loss + share * getattr(config, f"{name}_weight") * term
+            parts[name] = term.detach()
+        if config.consistency_weight > 0:
+            reference = _reference_features(model, family, forward, inputs, pixel_values)
+            adapted = family.run(forward, inputs, pixel_values, want_features=True).features
+            term = feature_consistency(adapted, reference)
+            loss = loss + share * config.consistency_weight * term
+            parts["consistency"] = term.detach()
+        return RANOutput(loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=pixel_values)
+
+    text = TextPerturbation(token_embedding(model), text_epsilon) if text_epsilon > 0 else None
+    text_context = text.active if text is not None else (lambda track_gradient=False: contextlib.nullcontext())
+
+    # 1. Clean pass. With a free start its backward runs now: one pass gives the input gradient (the attack's
+    #    first step) and the clean loss's parameter gradients (carried into the final loss by a surrogate).
+    free = config.free_start
+    clean_pixels = pixel_values.detach().requires_grad_(free)
+    with text_context(track_gradient=free):
+        clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
+    feature_terms = _feature_terms(config, clean.features)
+    loss = torch.zeros((), device=clean.loss.device)
+    first_gradient = first_text_gradient = None
+    if free:
+        trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
+        text_targets = [text.delta] if text is not None and text.delta is not None else []
+        gradients = torch.autograd.grad(
+            clean.loss,
+            [clean_pixels, *text_targets, *trainable],
+            allow_unused=True,
+            retain_graph=bool(feature_terms),
+        )
+        first_gradient = gradients[0]
+        if text_targets:
+            first_text_gradient = gradients[1]
+        if trainable:
+            loss = loss + (1 - mix) * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
+        loss = loss + (1 - mix) * clean.loss.detach()
+        clean_logits = clean.logits.detach()
+    else:
+        loss = loss + (1 - mix) * clean.loss
+        clean_logits = clean.logits
+    parts["clean"] = clean.loss.detach()
+    for name, term in feature_terms.items():
+        loss = loss + share * getattr(config, f"{name}_weight") * term
+        parts[name] = term.detach()
+
+    # 2. Attack: the deterministic model, input gradients only.
+    budget = AttackBudget(
+        epsilon=epsilon,
+        step_size=config.resolved_step_size * ramp,
+        steps=config.attack_steps,
+        norm=config.attack_norm,
+        random_start=config.random_start,
+        text_epsilon=text_epsilon,
+        text_step_size=config.resolved_text_step_size * ramp,
+    )
+    if text is not None:
+        text.detach()
+        text.step(first_text_gradient, budget.text_step_size)
+
+    def attack_objective(adversarial_pixels: torch.Tensor, text_perturbation) -> torch.Tensor:
+        with text_context(track_gradient=True):
+            attacked = family.run(forward, inputs, adversarial_pixels)
+        if config.attack_loss == "kl":
+            return rectification_kl(clean_logits.detach(), attacked.logits, clean.logits_mask)
+        return attacked.loss
+
+    with attack_mode(model):
+        adversarial_pixels = pgd_perturb(
+            attack_objective,
+            pixel_values,
+            box,
+            budget,
+            first_gradient=first_gradient,
+            text=text,
+            generator=generator,
+        )
+
+    # 3. Adversarial pass and rectification.
+    with text_context(track_gradient=False):
+        adversarial: FamilyOutput = family.run(
+            forward, inputs, adversarial_pixels, want_features=config.consistency_weight > 0, extra=extra
+        )
+    if mix > 0:
+        loss = loss + mix * adversarial.loss
+    parts["adversarial"] = adversarial.loss.detach()
+    if config.kl_weight > 0:
+        kl = rectification_kl(
+            clean_logits, adversarial.logits, clean.logits_mask, temperature=config.kl_temperature, detach_clean=free
+        )
+        loss = loss + share * kl_weight * kl
+        parts["kl"] = kl.detach()
+    if config.consistency_weight > 0:
+        reference = _reference_features(model, family, forward, inputs, pixel_values)
+        term = feature_consistency(adversarial.features, reference)
+        loss = loss + share * config.consistency_weight * term
+        parts["consistency"] = term.detach()
+    parts["epsilon"] = torch.tensor(epsilon)
+    return RANOutput(
+        loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=adversarial_pixels
+    )
+
+
+class RANTrainingWrapper:
+    """Puts `ran_loss` behind `model.forward` while the model trains; `remove()` restores the plain forward.
+
+    In training mode (with gradients on) a call returns the RAN loss; otherwise it is the model's own forward, so
+    evaluation and inference cost exactly what the LoRA model costs. Dual encoders with `labels` get their
+    prompt-classification loss in evaluation too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RANConfig,
+        pixel_box: PixelBox,
+        class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    ):
+        if isinstance(model.__dict__.get("forward"), _WrappedForward):
+            raise RuntimeError("this model is already wrapped for RAN training; remove the first wrapper first.")
+        self.model = model
+        self.config = config
+        self.pixel_box = pixel_box
+        self.family = detect_family(model, class_text_inputs)
+        self.step = 0
+        self._original_forward = model.forward
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        model.forward = _WrappedForward(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("RAN training passes the batch by keyword: call model(**batch).")
+        if self.model.training and torch.is_grad_enabled():
+            output = ran_loss(
+                self.model,
+                kwargs,
+                self.config,
+                pixel_box=self.pixel_box,
+                step=self.step,
+                forward=self._original_forward,
+                family=self.family,
+            )
+            self._record(output.parts)
+            return output
+        if isinstance(self.family, DualEncoderFamily) and kwargs.get("labels") is not None:
+            kwargs.pop("num_items_in_batch", None)
+            result = self.family.run(self._original_forward, kwargs, kwargs["pixel_values"])
+            return RANOutput(loss=result.loss, logits=result.logits)
+        return self._original_forward(*args, **kwargs)
+
+    def _record(self, parts: Mapping[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._count += 1
+
+    def pop_logged_parts(self) -> dict[str, float]:
+        """The mean of each loss part since the last call (and reset)."""
+        if self._count == 0:
+            return {}
+        means = {f"ran/{name}": round(float(total) / self._count, 6) for name, total in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return means
+
+    def remove(self) -> None:
+        if isinstance(self.model.__dict__.get("forward"), _WrappedForward):
+            del self.model.forward
+
+
+class _WrappedForward:
+    """The callable installed as `model.forward` (a marker type, so wrapping twice is caught)."""
+
+    def __init__(self, wrapper: RANTrainingWrapper):
+        self.wrapper = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(*args, **kwargs)
