@@ -287,7 +287,7 @@ class RANTrainingWrapper:
         """The mean of each loss part since the last call (and reset)."""
         if self._count == 0:
             return {}
-        means = {f"ran/{name}": round(float(total) / self._count, 6) for name, total in self._sums.items()}
+        means = {f"ran/{name}": float(total) / self._count for name, total in self._sums.items()}
         self._sums, self._count = {}, 0
         return means
 

@@ -58,6 +58,9 @@ _TEXT = dict(
     num_attention_heads=4,
     num_hidden_layers=2,
     max_position_embeddings=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 _VISION = dict(
     hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=IMAGE_SIZE, patch_size=4
@@ -116,7 +119,7 @@ def llava(batch: int = 2, seed: int = 0) -> TinyCase:
     vision = dict(_VISION, projection_dim=16)
     config = LlavaConfig(
         vision_config={"model_type": "clip_vision_model", **vision},
-        text_config=LlamaConfig(**_TEXT, pad_token_id=0).to_dict(),
+        text_config=LlamaConfig(**_TEXT).to_dict(),
         image_token_index=image_token,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

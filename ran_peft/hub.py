@@ -1,0 +1,232 @@
+"""Saving, sharing and loading RAN adapters: an atomic local save with a model card of the adapter's robustness,
+a push to the Hugging Face Hub that never loses the local copy, and a loader that restores the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ran_peft.config import RAN_CONFIG_NAME, RANConfig
+
+METRICS_NAME = "ran_metrics.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", RAN_CONFIG_NAME)
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the adapter is still saved locally (the message says where)."""
+
+
+def _is_local_path(value: str | None) -> bool:
+    return bool(value) and (os.path.isabs(value) or os.path.exists(value) or value.startswith((".", "~")))
+
+
+def public_model_name(value: str | None) -> str | None:
+    """A base-model name fit to publish: a Hub id stays, a local path (the user's own disk) becomes None."""
+    return None if value is None or _is_local_path(value) else value
+
+
+def model_card_text(
+    config: RANConfig,
+    *,
+    base_model: str | None,
+    metrics: Mapping[str, Any] | None = None,
+    datasets: list[str] | None = None,
+) -> str:
+    """The adapter's `README.md`: YAML metadata, the recipe, and a clean/robust accuracy table with its attack."""
+    base_model = public_model_name(base_model)
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        tags=["ran-peft", "lora", "adversarial-robustness", "medical-imaging", "vision-language"],
+        datasets=[name for name in (datasets or []) if not _is_local_path(name)] or None,
+        pipeline_tag=None,
+    )
+    recipe = config.recipe_dict()
+    recipe_rows = "\n".join(f"| `{name}` | `{json.dumps(value)}` |" for name, value in sorted(recipe.items()))
+    sections = [
+        "# RAN adapter",
+        "",
+        f"A LoRA adapter{f' for `{base_model}`' if base_model else ''} trained with RAN (Rectify Adversarial Noise) "
+        "using [`ran_peft`](https://pypi.org/project/ran-peft/). At inference it is a plain LoRA adapter: load it "
+        "with `peft.PeftModel.from_pretrained` (no `ran_peft` needed), or with `ran_peft.load_adapter` to restore "
+        "the training recipe too.",
+        "",
+        "The RAN recipe here is `ran_peft`'s own, built from the public description of the paper (Han et al., "
+        "Findings of EMNLP 2024); the paper's exact loss is not public, so nothing here reproduces its numbers.",
+        "",
+    ]
+    if metrics:
+        sections += ["## Robustness", "", _metrics_table(metrics), ""]
+    sections += [
+        "## Recipe",
+        "",
+        f"LoRA rank {config.r}, alpha {config.lora_alpha}, target modules `{_target_modules(config)}`.",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        recipe_rows,
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, adapter_repo_id)  # plain LoRA at inference",
+        "```",
+    ]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(sections) + "\n")
+    return str(card)
+
+
+def _target_modules(config: RANConfig) -> str:
+    modules = config.target_modules
+    if isinstance(modules, (set, list, tuple)):
+        return ", ".join(sorted(modules))
+    return str(modules)
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A markdown table from `ran_metrics.json`: one row per evaluated model (e.g. before/after, lora/ran)."""
+    runs = metrics.get("runs", {"adapter": metrics})
+    epsilons: list[str] = []
+    for run in runs.values():
+        for key in run.get("robust_accuracy", {}):
+            if key not in epsilons:
+                epsilons.append(key)
+    header = "| model | clean | " + " | ".join(f"robust @ {key}" for key in epsilons) + " |"
+    lines = [header, "|" + " --- |" * (2 + len(epsilons))]
+    for name, run in runs.items():
+        robust = run.get("robust_accuracy", {})
+        cells = [f"{100 * robust[key]:.1f}" if key in robust else "-" for key in epsilons]
+        clean = run.get("clean_accuracy")
+        lines.append(f"| {name} | {'-' if clean is None else f'{100 * clean:.1f}'} | " + " | ".join(cells) + " |")
+    attack = metrics.get("attack")
+    if attack:
+        lines += ["", "Attack: " + ", ".join(f"{key}={value}" for key, value in attack.items()) + "."]
+    return "\n".join(lines)
+
+
+def save_adapter(
+    model: Any,
+    output_dir: str | os.PathLike,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    datasets: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save the adapter, `ran_metrics.json` and the model card into `output_dir`, all or nothing.
+
+    Everything is written into a temporary folder beside `output_dir` and moved into place at the end, so a failure
+    leaves no half-written adapter. An existing adapter in `output_dir` is only replaced with `overwrite=True`.
+    """
+    output_dir = Path(output_dir)
+    if (output_dir / "adapter_config.json").exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds an adapter; pass overwrite=True (or another folder) to replace it."
+        )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        config = _ran_config_of(model)
+        if metrics is not None:
+            (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        base_model = getattr(config, "base_model_name_or_path", None)
+        (staging / "README.md").write_text(
+            model_card_text(config, base_model=base_model, metrics=metrics, datasets=datasets)
+        )
+        for name in ADAPTER_FILES:
+            if not (staging / name).exists():
+                raise RuntimeError(f"saving the adapter wrote no {name}: is this a RAN (PEFT) model?")
+        if output_dir.exists():
+            for item in staging.iterdir():
+                target = output_dir / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            staging.rmdir()
+        else:
+            os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _ran_config_of(model: Any) -> RANConfig:
+    configs = getattr(model, "peft_config", {})
+    active = getattr(model, "active_adapter", "default")
+    config = configs.get(active if isinstance(active, str) else active[0])
+    if not isinstance(config, RANConfig):
+        raise TypeError(f"the model's active adapter is not a RAN adapter (its config is {type(config).__name__}).")
+    return config
+
+
+def stage_for_push(folder: str | os.PathLike) -> Path:
+    """A copy of the adapter folder fit to publish: only the adapter's own files, no local path of the user.
+
+    `base_model_name_or_path` in `adapter_config.json` is cleared when it names a local folder.
+    """
+    folder = Path(folder)
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete RAN adapter: missing {missing}.")
+    staging = Path(tempfile.mkdtemp(prefix="ran-peft-push-"))
+    for name in (*ADAPTER_FILES, "README.md", METRICS_NAME):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, staging / name)
+    adapter_config_path = staging / "adapter_config.json"
+    adapter_config = json.loads(adapter_config_path.read_text())
+    if _is_local_path(adapter_config.get("base_model_name_or_path")):
+        adapter_config["base_model_name_or_path"] = None
+        adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    return staging
+
+
+def push_adapter(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload RAN adapter",
+) -> str:
+    """Upload a saved adapter folder to the Hub (created if needed). Returns the commit URL.
+
+    On failure the local folder is untouched and `HubPushError` says where it is; the token is never logged.
+    """
+    from huggingface_hub import HfApi
+
+    staging = stage_for_push(folder)
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(staging), repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
+        return str(getattr(commit, "commit_url", commit))
+    except Exception as error:
+        reason = str(error)
+        if token:
+            reason = reason.replace(token, "***")
+        raise HubPushError(
+            f"push of the adapter to '{repo_id}' failed ({type(error).__name__}: {reason}); everything is still "
+            f"saved locally in {Path(folder).resolve()}."
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_adapter(base_model: Any, adapter: str | os.PathLike, *, is_trainable: bool = False, **kwargs: Any):
+    """Load a RAN adapter (a folder or a Hub repo id) on `base_model` with its recipe restored as a `RANConfig`."""
+    from peft import PeftModel
+
+    config = RANConfig.from_pretrained(str(adapter), **{k: v for k, v in kwargs.items() if k in ("revision",)})
+    return PeftModel.from_pretrained(base_model, str(adapter), config=config, is_trainable=is_trainable, **kwargs)
