@@ -17,10 +17,20 @@ from ran_peft.families import (
     detect_family,
 )
 from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
+from ran_peft.noise import (
+    MEDICAL_TERM_GROUPS,
+    NEGATION_SWAPS,
+    SurrogateVLM,
+    add_adversarial_noise,
+    noisy_rows,
+    substitute_medical_terms,
+)
 from ran_peft.pixels import PixelBox
 from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
 
 __all__ = [
+    "MEDICAL_TERM_GROUPS",
+    "NEGATION_SWAPS",
     "RAN_CONFIG_NAME",
     "AttackBudget",
     "DualEncoderFamily",
@@ -32,16 +42,20 @@ __all__ = [
     "RANConfig",
     "RANOutput",
     "RANTrainingWrapper",
+    "SurrogateVLM",
     "TextPerturbation",
     "UnsupportedModelError",
+    "add_adversarial_noise",
     "attack_mode",
     "covariance_offdiagonal",
     "detect_family",
     "feature_consistency",
     "find_ran_config",
+    "noisy_rows",
     "pgd_perturb",
     "ran_loss",
     "rectification_kl",
     "resolve_pixel_box",
     "spectrum_flatness",
+    "substitute_medical_terms",
 ]

@@ -141,14 +141,20 @@ def ran_loss(
 
     # 1. Clean pass. With a free start its backward runs now: one pass gives the input gradient (the attack's
     #    first step) and the clean loss's parameter gradients (carried into the final loss by a surrogate).
+    #    Plain PGD adversarial training (no clean term, no KL, no free start) skips it.
     free = config.free_start
-    clean_pixels = pixel_values.detach().requires_grad_(free)
-    with text_context(track_gradient=free):
-        clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
-    feature_terms = _feature_terms(config, clean.features)
-    loss = torch.zeros((), device=clean.loss.device)
+    needs_clean = free or mix < 1 or config.kl_weight > 0 or wants_features or config.attack_loss == "kl"
     first_gradient = first_text_gradient = None
-    if free:
+    clean = None
+    loss = torch.zeros((), device=pixel_values.device)
+    if needs_clean:
+        clean_pixels = pixel_values.detach().requires_grad_(free)
+        with text_context(track_gradient=free):
+            clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
+    feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
+    if clean is None:
+        clean_logits = None
+    elif free:
         trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
         text_targets = [text.delta] if text is not None and text.delta is not None else []
         gradients = torch.autograd.grad(
@@ -167,7 +173,8 @@ def ran_loss(
     else:
         loss = loss + (1 - mix) * clean.loss
         clean_logits = clean.logits
-    parts["clean"] = clean.loss.detach()
+    if clean is not None:
+        parts["clean"] = clean.loss.detach()
     for name, term in feature_terms.items():
         loss = loss + share * getattr(config, f"{name}_weight") * term
         parts[name] = term.detach()
@@ -190,7 +197,7 @@ def ran_loss(
         with text_context(track_gradient=True):
             attacked = family.run(forward, inputs, adversarial_pixels)
         if config.attack_loss == "kl":
-            return rectification_kl(clean_logits.detach(), attacked.logits, clean.logits_mask)
+            return rectification_kl(clean_logits.detach(), attacked.logits, attacked.logits_mask)
         return attacked.loss
 
     with attack_mode(model):
@@ -214,7 +221,11 @@ def ran_loss(
     parts["adversarial"] = adversarial.loss.detach()
     if config.kl_weight > 0:
         kl = rectification_kl(
-            clean_logits, adversarial.logits, clean.logits_mask, temperature=config.kl_temperature, detach_clean=free
+            clean_logits,
+            adversarial.logits,
+            adversarial.logits_mask,
+            temperature=config.kl_temperature,
+            detach_clean=free,
         )
         loss = loss + share * kl_weight * kl
         parts["kl"] = kl.detach()
@@ -224,9 +235,8 @@ def ran_loss(
         loss = loss + share * config.consistency_weight * term
         parts["consistency"] = term.detach()
     parts["epsilon"] = torch.tensor(epsilon)
-    return RANOutput(
-        loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=adversarial_pixels
-    )
+    logits = (clean if clean is not None else adversarial).logits.detach()
+    return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=adversarial_pixels)
 
 
 class RANTrainingWrapper:
