@@ -8,6 +8,18 @@ __version__ = "0.1.0"
 from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
 from ran_peft.callback import RANCallback, find_ran_config
 from ran_peft.config import RAN_CONFIG_NAME, RANConfig
+from ran_peft.evaluation import (
+    GradientMaskingWarning,
+    RobustnessReport,
+    clean_accuracy,
+    evaluate_robustness,
+    format_epsilon,
+    gradient_masking_checks,
+    parse_epsilon,
+    prediction_correctness,
+    retrieval_recall_at_k,
+    zero_shot_accuracy,
+)
 from ran_peft.families import (
     DualEncoderFamily,
     GenerativeFamily,
@@ -29,6 +41,16 @@ from ran_peft.pixels import PixelBox
 from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
 
 __all__ = [
+    "GradientMaskingWarning",
+    "RobustnessReport",
+    "clean_accuracy",
+    "evaluate_robustness",
+    "format_epsilon",
+    "gradient_masking_checks",
+    "parse_epsilon",
+    "prediction_correctness",
+    "retrieval_recall_at_k",
+    "zero_shot_accuracy",
     "MEDICAL_TERM_GROUPS",
     "NEGATION_SWAPS",
     "RAN_CONFIG_NAME",
