@@ -8,6 +8,17 @@ __version__ = "0.1.0"
 from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
 from ran_peft.callback import RANCallback, find_ran_config
 from ran_peft.config import RAN_CONFIG_NAME, RANConfig
+from ran_peft.data import (
+    ImageTextCollator,
+    class_prompts,
+    load_dataset_any,
+    load_dicom_folder,
+    load_hub_dataset,
+    load_image_folder,
+    load_medmnist,
+    synthetic_medical_dataset,
+    tokenize_class_prompts,
+)
 from ran_peft.evaluation import (
     GradientMaskingWarning,
     RobustnessReport,
@@ -41,6 +52,15 @@ from ran_peft.pixels import PixelBox
 from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
 
 __all__ = [
+    "ImageTextCollator",
+    "class_prompts",
+    "load_dataset_any",
+    "load_dicom_folder",
+    "load_hub_dataset",
+    "load_image_folder",
+    "load_medmnist",
+    "synthetic_medical_dataset",
+    "tokenize_class_prompts",
     "GradientMaskingWarning",
     "RobustnessReport",
     "clean_accuracy",
