@@ -5,7 +5,14 @@
 
 __version__ = "0.1.0"
 
-from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
+from ran_peft.attacks import (
+    AttackBudget,
+    AttackReport,
+    AttackSkippedWarning,
+    TextPerturbation,
+    attack_mode,
+    pgd_perturb,
+)
 from ran_peft.callback import RANCallback, find_ran_config
 from ran_peft.config import RAN_CONFIG_NAME, RANConfig
 from ran_peft.data import (
@@ -52,6 +59,8 @@ from ran_peft.pixels import PixelBox
 from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
 
 __all__ = [
+    "AttackReport",
+    "AttackSkippedWarning",
     "ImageTextCollator",
     "class_prompts",
     "load_dataset_any",

@@ -5,7 +5,8 @@ perturbation of the text token embeddings. Pure functions over a loss callable, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +32,61 @@ class AttackBudget:
 
     def __post_init__(self) -> None:
         if self.epsilon < 0 or self.text_epsilon < 0:
-            raise ValueError(f"attack budgets must be >= 0, got epsilon={self.epsilon}, text={self.text_epsilon}.")
+            raise ValueError(
+                f"attack budgets must be >= 0, got epsilon={self.epsilon}, text={self.text_epsilon}."
+            )
         if self.steps < 0:
             raise ValueError(f"attack steps must be >= 0, got {self.steps}.")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"attack norm must be 'linf' or 'l2', got {self.norm!r}.")
+
+
+class AttackSkippedWarning(RuntimeWarning):
+    """An attack stopped early on a non-finite gradient (fp16 overflow); the batch trains on the last finite step."""
+
+
+@dataclass
+class AttackReport:
+    """What one `pgd_perturb` call did: the sign steps it took and whether a non-finite gradient cut it short."""
+
+    steps_taken: int = 0
+    skipped: bool = False
+
+
+_REENTRANT_CHECKPOINT_MARKERS = ("use_reentrant", "Checkpointing is not compatible")
+
+
+def input_gradients(
+    loss: torch.Tensor, targets: Sequence[torch.Tensor], **kwargs
+) -> tuple[torch.Tensor | None, ...]:
+    """`torch.autograd.grad(loss, targets)`, with a clear error for reentrant activation checkpointing.
+
+    RAN needs gradients with respect to the input pixels without touching `.grad` (so that DDP's reducer and the
+    optimiser never see the attack's gradients); reentrant checkpointing only supports a plain `.backward()`.
+    """
+    try:
+        return torch.autograd.grad(loss, list(targets), **kwargs)
+    except RuntimeError as error:
+        if any(marker in str(error) for marker in _REENTRANT_CHECKPOINT_MARKERS):
+            raise RuntimeError(
+                "RAN takes input gradients with torch.autograd.grad, which reentrant activation checkpointing "
+                "does not support. Use non-reentrant checkpointing (transformers' default): pass "
+                '`activation_checkpointing_kwargs={"use_reentrant": False}` to TrainingArguments '
+                "(`gradient_checkpointing_kwargs` before transformers 5), or the same to the model's "
+                "`gradient_checkpointing_enable`."
+            ) from error
+        raise
+
+
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    return all(tensor is None or bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _keeps_collectives_in_step() -> bool:
+    """Under torch.distributed every rank must run the same passes: a sharded model (FSDP, ZeRO-3) gathers its
+    parameters across ranks in every forward, so one rank skipping passes would leave the others waiting."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
 
 
 class TextPerturbation:
@@ -69,8 +120,8 @@ class TextPerturbation:
             self.track_gradient = False
 
     def step(self, gradient: torch.Tensor | None, step_size: float) -> None:
-        if self.delta is None or gradient is None:
-            return
+        if self.delta is None or gradient is None or not _all_finite(gradient):
+            return  # a non-finite gradient (fp16 overflow) moves nothing: the sign of NaN is NaN
         with torch.no_grad():
             updated = self.delta + step_size * gradient.float().sign()
             self.delta = updated.clamp_(-self.epsilon, self.epsilon)
@@ -89,6 +140,7 @@ def pgd_perturb(
     first_gradient: torch.Tensor | None = None,
     text: TextPerturbation | None = None,
     generator: torch.Generator | None = None,
+    report: AttackReport | None = None,
 ) -> torch.Tensor:
     """Maximise `loss_fn(adversarial_pixels, text)` by projected sign-gradient ascent; return the adversarial pixels.
 
@@ -96,7 +148,11 @@ def pgd_perturb(
     - `first_gradient`: the loss's gradient at the clean input (free start); it makes the first step, so
       `budget.steps` counts it and one step then needs no extra forward pass.
     - Only the input (and text perturbation) gradients are computed: parameters get none.
+    - A non-finite gradient (fp16 overflow) ends the attack: the last finite perturbation is kept, an
+      `AttackSkippedWarning` is issued and `report.skipped` is set. Under torch.distributed the remaining passes
+      still run (their gradients unused), so that every rank runs the same passes.
     """
+    report = report if report is not None else AttackReport()
     clean = pixel_values.detach()
     std = box.std_vector(clean)
     lower, upper = box.bounds(clean)
@@ -108,8 +164,16 @@ def pgd_perturb(
     adversarial = (clean + delta).to(clean.dtype)
     steps_left = budget.steps
     if first_gradient is not None and steps_left > 0:
-        delta, adversarial = pgd_step(delta, first_gradient, clean, step_size=budget.step_size, **step_kwargs)
         steps_left -= 1
+        if _all_finite(first_gradient):
+            delta, adversarial = pgd_step(
+                delta, first_gradient, clean, step_size=budget.step_size, **step_kwargs
+            )
+            report.steps_taken += 1
+        else:
+            _skip(report, "the clean pass's input gradient (free start)")
+    if report.skipped and not _keeps_collectives_in_step():
+        steps_left = 0
     for _ in range(steps_left):
         variable = adversarial.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -118,22 +182,37 @@ def pgd_perturb(
             text_delta = text.delta if text is not None else None
             if text_delta is not None and text_delta.requires_grad:
                 targets.append(text_delta)
-            gradients = torch.autograd.grad(loss, targets, allow_unused=True)
+            gradients = input_gradients(loss, targets, allow_unused=True)
         if gradients[0] is None:
             raise RuntimeError(
                 "the attack loss does not depend on `pixel_values`: the model ignored the perturbed pixels."
             )
-        if not torch.isfinite(gradients[0]).all():
-            raise FloatingPointError(
-                "the attack gradient holds NaN or inf (fp16 overflow?): the attack step was not taken. "
-                "Train in bf16 or fp32, or lower the loss scale."
-            )
+        if report.skipped:
+            continue  # only here to keep the ranks' passes in step
+        if not _all_finite(*gradients):
+            _skip(report, f"attack step {report.steps_taken + 1}")
+            if _keeps_collectives_in_step():
+                continue
+            break
         delta, adversarial = pgd_step(delta, gradients[0], clean, step_size=budget.step_size, **step_kwargs)
+        report.steps_taken += 1
         if text is not None and len(gradients) > 1:
             text.step(gradients[1], budget.text_step_size)
     if text is not None:
         text.detach()
     return adversarial.detach()
+
+
+def _skip(report: AttackReport, where: str) -> None:
+    report.skipped = True
+    warnings.warn(
+        AttackSkippedWarning(
+            f"the attack gradient of {where} holds NaN or inf (fp16 overflow?): the rest of this batch's attack is "
+            f"skipped and the last finite perturbation ({report.steps_taken} step(s)) is used. The count is logged "
+            "as `ran/attack_skipped`; if it is frequent, train in bf16 or fp32."
+        ),
+        stacklevel=3,
+    )
 
 
 @contextlib.contextmanager

@@ -57,7 +57,9 @@ class RANCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if model is None:
-            raise ValueError("RANCallback needs the Trainer's model (the Trainer passes it to its callbacks).")
+            raise ValueError(
+                "RANCallback needs the Trainer's model (the Trainer passes it to its callbacks)."
+            )
         config = self.config or find_ran_config(model)
         if config is None:
             raise ValueError(

@@ -63,14 +63,17 @@ class RANConfig(LoraConfig):
     )
     attack_loss: Literal["task", "kl"] = field(
         default="task",
-        metadata={"help": "What the attack maximises: the task loss, or the KL to the clean prediction (TRADES)."},
+        metadata={
+            "help": "What the attack maximises: the task loss, or the KL to the clean prediction (TRADES)."
+        },
     )
     adversarial_weight: float = field(
         default=0.5,
         metadata={"help": "Mix weight w in [0, 1]: (1-w) * clean task loss + w * adversarial task loss."},
     )
     kl_weight: float = field(
-        default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_adversarial), the prediction rectifier."}
+        default=1.0,
+        metadata={"help": "Weight beta of KL(p_clean || p_adversarial), the prediction rectifier."},
     )
     kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
     consistency_weight: float = field(
@@ -82,11 +85,15 @@ class RANConfig(LoraConfig):
     )
     covariance_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the off-diagonal batch covariance of clean image features (decorrelation)."},
+        metadata={
+            "help": "Weight of the off-diagonal batch covariance of clean image features (decorrelation)."
+        },
     )
     spectrum_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of 1 - (share of the top `spectrum_top_k` singular values of the features)."},
+        metadata={
+            "help": "Weight of 1 - (share of the top `spectrum_top_k` singular values of the features)."
+        },
     )
     spectrum_top_k: int = field(
         default=4, metadata={"help": "How many top singular values the spectrum term keeps up (>= 1)."}
@@ -107,11 +114,15 @@ class RANConfig(LoraConfig):
     )
     image_mean: list[float] | None = field(
         default=None,
-        metadata={"help": "Per-channel pixel mean of the inputs. None: read from the processor at training time."},
+        metadata={
+            "help": "Per-channel pixel mean of the inputs. None: read from the processor at training time."
+        },
     )
     image_std: list[float] | None = field(
         default=None,
-        metadata={"help": "Per-channel pixel std of the inputs. None: read from the processor at training time."},
+        metadata={
+            "help": "Per-channel pixel std of the inputs. None: read from the processor at training time."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -144,7 +155,13 @@ class RANConfig(LoraConfig):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         finite("adversarial_weight", 0.0, 1.0)
-        for name in ("kl_weight", "consistency_weight", "covariance_weight", "spectrum_weight", "text_epsilon"):
+        for name in (
+            "kl_weight",
+            "consistency_weight",
+            "covariance_weight",
+            "spectrum_weight",
+            "text_epsilon",
+        ):
             finite(name)
         if self.text_step_size is not None:
             finite("text_step_size")
@@ -168,7 +185,9 @@ class RANConfig(LoraConfig):
     @property
     def resolved_step_size(self) -> float:
         """The attack step in pixel units (the rule of `step_size=None` applied)."""
-        return self.step_size if self.step_size is not None else _default_step(self.epsilon, self.attack_steps)
+        return (
+            self.step_size if self.step_size is not None else _default_step(self.epsilon, self.attack_steps)
+        )
 
     @property
     def resolved_text_step_size(self) -> float:
@@ -251,7 +270,10 @@ def _read_recipe(path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -
         allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
         try:
             file = hf_hub_download(
-                path, RAN_CONFIG_NAME, subfolder=subfolder, **{k: v for k, v in hub_kwargs.items() if k in allowed}
+                path,
+                RAN_CONFIG_NAME,
+                subfolder=subfolder,
+                **{k: v for k, v in hub_kwargs.items() if k in allowed},
             )
         except EntryNotFoundError:
             file = None

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ran_peft.pixels import PixelBox
+
 Forward = Callable[..., Any]
+
+# How far (in [0, 1] pixel units) pixels may leave the valid box before RAN calls the normalisation wrong: resizing
+# with bicubic or Lanczos filters overshoots [0, 1] a little near sharp edges, a mismatched mean/std by much more.
+PIXEL_RANGE_TOLERANCE = 0.1
 
 
 class UnsupportedModelError(TypeError):
@@ -52,12 +58,47 @@ def _get(outputs: Any, name: str) -> Any:
     return getattr(outputs, name, None)
 
 
+def check_pixel_range(
+    pixel_values: torch.Tensor, box: PixelBox, tolerance: float = PIXEL_RANGE_TOLERANCE
+) -> None:
+    """Refuse pixels that lie outside the box by more than `tolerance` pixel units: the mean/std do not fit them.
+
+    This catches the common mistakes (raw 0-255 pixels; pixels normalised with another processor's wider mean/std;
+    normalised pixels given a `do_normalize=False` box). A mismatch that keeps every pixel inside the box (two
+    close normalisations, such as ImageNet's and CLIP's) cannot be seen from the pixels.
+    """
+    with torch.no_grad():
+        pixels = box.to_pixels(pixel_values.detach())
+        per_channel = pixels.movedim(-3, 0).flatten(1) if pixels.dim() >= 3 else pixels.reshape(1, -1)
+        low, high = per_channel.amin(dim=1), per_channel.amax(dim=1)
+    if bool((low >= -tolerance).all()) and bool((high <= 1 + tolerance).all()):
+        return
+    lower, upper = box.bounds(pixel_values)
+    observed = pixel_values.detach().float()
+    observed = observed.movedim(-3, 0).flatten(1) if observed.dim() >= 3 else observed.reshape(1, -1)
+    seen = _ranges(observed.amin(dim=1), observed.amax(dim=1))
+    allowed, in_pixels = _ranges(lower, upper), _ranges(low, high)
+    raise ValueError(
+        f"`pixel_values` do not fit the pixel normalisation RAN was given (mean={list(box.mean)}, "
+        f"std={list(box.std)}): per channel they span {seen}, but that normalisation maps [0, 1] pixels to "
+        f"{allowed} (these pixels would be {in_pixels} in [0, 1] pixel units, tolerance {tolerance}). The "
+        "normalisation (mean/std) does not match these pixels: pass the image processor that made them "
+        "(Trainer's `processing_class`), or set RANConfig.image_mean/image_std to its values; raw 0-255 pixels "
+        "must be rescaled and normalised first."
+    )
+
+
+def _ranges(low: torch.Tensor, high: torch.Tensor) -> str:
+    return ", ".join(f"[{a:.3g}, {b:.3g}]" for a, b in zip(low.tolist(), high.tolist(), strict=True))
+
+
 class ModelFamily:
     """A kind of model: subclasses say how one forward pass gives loss, logits and features."""
 
     name = "base"
 
-    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+    def check_inputs(self, inputs: Mapping[str, Any], box: PixelBox | None = None) -> None:
+        """Refuse a batch RAN cannot train on, with what is wrong; with `box`, also pixels the box does not fit."""
         if "pixel_values" not in inputs or not torch.is_tensor(inputs["pixel_values"]):
             raise ValueError(
                 f"RAN needs `pixel_values` (a tensor) in every batch; this batch has keys {sorted(inputs)}."
@@ -66,7 +107,11 @@ class ModelFamily:
         if pixel_values.numel() == 0:
             raise ValueError("RAN got an empty batch (`pixel_values` has no elements).")
         if not torch.isfinite(pixel_values).all():
-            raise ValueError("`pixel_values` holds NaN or inf: fix the data pipeline (RAN will not attack it).")
+            raise ValueError(
+                "`pixel_values` holds NaN or inf: fix the data pipeline (RAN will not attack it)."
+            )
+        if box is not None:
+            check_pixel_range(pixel_values, box)
 
     def run(
         self,
@@ -90,8 +135,8 @@ class ImageClassifierFamily(ModelFamily):
 
     name = "image_classifier"
 
-    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
-        super().check_inputs(inputs)
+    def check_inputs(self, inputs: Mapping[str, Any], box: PixelBox | None = None) -> None:
+        super().check_inputs(inputs, box)
         if inputs.get("labels") is None:
             raise ValueError("an image classifier needs `labels` in the batch to train with RAN.")
 
@@ -128,8 +173,8 @@ class DualEncoderFamily(ModelFamily):
             return prompts
         return self.class_text_inputs
 
-    def check_inputs(self, inputs):
-        super().check_inputs(inputs)
+    def check_inputs(self, inputs, box=None):
+        super().check_inputs(inputs, box)
         if inputs.get("labels") is not None:
             if self._class_prompts(inputs) is None:
                 raise ValueError(
@@ -175,10 +220,12 @@ class GenerativeFamily(ModelFamily):
 
     _feature_names = ("image_hidden_states", "image_embeds")
 
-    def check_inputs(self, inputs):
-        super().check_inputs(inputs)
+    def check_inputs(self, inputs, box=None):
+        super().check_inputs(inputs, box)
         if inputs.get("labels") is None:
-            raise ValueError("a generative VLM needs `labels` (answer tokens, -100 elsewhere) to train with RAN.")
+            raise ValueError(
+                "a generative VLM needs `labels` (answer tokens, -100 elsewhere) to train with RAN."
+            )
 
     def run(self, forward, inputs, pixel_values, *, want_features=False, extra=None):
         kwargs = {**inputs, **(extra or {}), "pixel_values": pixel_values}
@@ -209,7 +256,9 @@ class GenerativeFamily(ModelFamily):
         return int(inputs["labels"][..., 1:].ne(-100).sum())
 
 
-def detect_family(model: nn.Module, class_text_inputs: Mapping[str, torch.Tensor] | None = None) -> ModelFamily:
+def detect_family(
+    model: nn.Module, class_text_inputs: Mapping[str, torch.Tensor] | None = None
+) -> ModelFamily:
     """Recognise the model family from the base model's forward signature and generation ability."""
     base = unwrap_model(model)
     parameters = inspect.signature(base.forward).parameters

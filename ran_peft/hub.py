@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from ran_peft.config import RAN_CONFIG_NAME, RANConfig
 
 METRICS_NAME = "ran_metrics.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", RAN_CONFIG_NAME)
+SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+ADAPTER_FILES = ("adapter_config.json", SAFE_WEIGHTS_NAME, RAN_CONFIG_NAME)
 
 
 class HubPushError(RuntimeError):
@@ -81,7 +84,9 @@ def model_card_text(
         "model = PeftModel.from_pretrained(base_model, adapter_repo_id)  # plain LoRA at inference",
         "```",
     ]
-    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(sections) + "\n")
+    card = ModelCard.from_template(
+        data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(sections) + "\n"
+    )
     return str(card)
 
 
@@ -106,7 +111,9 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
         robust = run.get("robust_accuracy", {})
         cells = [f"{100 * robust[key]:.1f}" if key in robust else "-" for key in epsilons]
         clean = run.get("clean_accuracy")
-        lines.append(f"| {name} | {'-' if clean is None else f'{100 * clean:.1f}'} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {'-' if clean is None else f'{100 * clean:.1f}'} | " + " | ".join(cells) + " |"
+        )
     attack = metrics.get("attack")
     if attack:
         lines += ["", "Attack: " + ", ".join(f"{key}={value}" for key, value in attack.items()) + "."]
@@ -165,7 +172,9 @@ def _ran_config_of(model: Any) -> RANConfig:
     active = getattr(model, "active_adapter", "default")
     config = configs.get(active if isinstance(active, str) else active[0])
     if not isinstance(config, RANConfig):
-        raise TypeError(f"the model's active adapter is not a RAN adapter (its config is {type(config).__name__}).")
+        raise TypeError(
+            f"the model's active adapter is not a RAN adapter (its config is {type(config).__name__})."
+        )
     return config
 
 
@@ -224,9 +233,137 @@ def push_adapter(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_adapter(base_model: Any, adapter: str | os.PathLike, *, is_trainable: bool = False, **kwargs: Any):
-    """Load a RAN adapter (a folder or a Hub repo id) on `base_model` with its recipe restored as a `RANConfig`."""
-    from peft import PeftModel
+class AdapterLoadError(ValueError):
+    """An adapter cannot be loaded safely and exactly; the message names the file or the modules at fault."""
 
-    config = RANConfig.from_pretrained(str(adapter), **{k: v for k, v in kwargs.items() if k in ("revision",)})
-    return PeftModel.from_pretrained(base_model, str(adapter), config=config, is_trainable=is_trainable, **kwargs)
+
+def _adapter_weights_file(adapter: str, subfolder: str | None, hub_kwargs: Mapping[str, Any]) -> str:
+    """The adapter's `adapter_model.safetensors` (local folder or Hub repo); a pickle-only adapter is refused."""
+    folder = os.path.join(adapter, subfolder) if subfolder else adapter
+    if os.path.isdir(folder):
+        path = os.path.join(folder, SAFE_WEIGHTS_NAME)
+        if os.path.isfile(path):
+            return path
+        if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
+            raise AdapterLoadError(
+                f"{folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file that can run code when loaded; ran_peft "
+                f"loads weights only from {SAFE_WEIGHTS_NAME}. If you trust its source, convert it once: "
+                "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')`."
+            )
+        raise AdapterLoadError(f"{folder} holds no {SAFE_WEIGHTS_NAME}: it is not a saved adapter folder.")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
+    try:
+        return hf_hub_download(
+            adapter,
+            SAFE_WEIGHTS_NAME,
+            subfolder=subfolder,
+            **{k: v for k, v in hub_kwargs.items() if k in allowed},
+        )
+    except EntryNotFoundError as error:
+        raise AdapterLoadError(
+            f"the Hub repo {adapter!r} has no {SAFE_WEIGHTS_NAME} (or it is not in the local cache when offline); "
+            f"ran_peft never loads pickle weights ({PICKLE_WEIGHTS_NAME})."
+        ) from error
+
+
+def _safetensors_keys(path: str) -> set[str]:
+    """The tensor names in a safetensors file; a corrupted or truncated file is an error that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise AdapterLoadError(
+            f"{path} ({size} bytes) is not a readable safetensors file ({error}): it is corrupted or truncated (an "
+            "interrupted download, copy or save?). Download or save the adapter again."
+        ) from error
+
+
+def _describe(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def load_adapter(
+    base_model: Any,
+    adapter: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    strict: bool = True,
+    adapter_name: str = "default",
+    **kwargs: Any,
+):
+    """Load a RAN adapter (a folder or a Hub repo id) on `base_model` with its recipe restored as a `RANConfig`.
+
+    Safer and stricter than stock `PeftModel.from_pretrained`:
+    - weights come only from `adapter_model.safetensors`; a folder or repo with only the pickle
+      `adapter_model.bin` is refused (stock PEFT would unpickle it);
+    - a corrupted or truncated weights file is an `AdapterLoadError` that names the file (stock PEFT raises
+      safetensors' own `SafetensorError`, which names no file);
+    - with `strict=True` (default), an adapter made for another base model is an `AdapterLoadError` naming the
+      adapter weights the model has no place for and the model's adapter weights the file lacks (stock PEFT only
+      warns about the missing ones and silently drops the unexpected ones). On that error the LoRA layers are
+      already in `base_model`: load a fresh base model to try again. `strict=False` keeps PEFT's behaviour.
+    - `ran_config.json` keys from a newer `ran_peft` are dropped with a warning (see `RANConfig.from_pretrained`).
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    adapter = str(adapter)
+    subfolder = kwargs.get("subfolder")
+    weights_file = _adapter_weights_file(adapter, subfolder, kwargs)
+    saved_keys = _safetensors_keys(weights_file)
+    config = RANConfig.from_pretrained(
+        adapter, **{k: v for k, v in kwargs.items() if k in ("revision", "subfolder")}
+    )
+    base_name = (
+        getattr(getattr(base_model, "config", None), "name_or_path", None) or type(base_model).__name__
+    )
+    trained_on = config.base_model_name_or_path or "an unrecorded base model"
+    try:
+        with warnings.catch_warnings():
+            if strict:  # the error below says the same, with the unexpected weights too
+                warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(
+                base_model,
+                adapter,
+                config=config,
+                is_trainable=is_trainable,
+                adapter_name=adapter_name,
+                **kwargs,
+            )
+    except NoMatchingPeftModuleError as error:
+        raise AdapterLoadError(
+            f"the adapter {adapter!r} (trained on {trained_on}) targets modules {_target_modules(config)!r} that "
+            f"{base_name} does not have: it was made for another base model."
+        ) from error
+    if strict:
+        expected = set(
+            get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+        )
+        # Base weights (e.g. resized embeddings) may be saved beside the adapter: they are not unexpected.
+        present = set(model.state_dict())
+        unexpected = sorted(key for key in saved_keys - expected if key not in present)
+        missing = sorted(expected - saved_keys)
+        problems = []
+        if unexpected:
+            problems.append(
+                f"unexpected adapter weights (no such module in this model): {_describe(unexpected)}"
+            )
+        if missing:
+            problems.append(
+                f"missing adapter weights (modules of this model the file has none for): {_describe(missing)}"
+            )
+        if problems:
+            raise AdapterLoadError(
+                f"the adapter {adapter!r} (trained on {trained_on}) does not fit {base_name}: "
+                + "; ".join(problems)
+                + ". Load it on the base model it was trained for, or pass strict=False to load what fits."
+            )
+    return model

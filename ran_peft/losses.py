@@ -24,7 +24,9 @@ def rectification_kl(
             f"clean logits {tuple(clean_logits.shape)} and adversarial logits {tuple(adversarial_logits.shape)} "
             "must have the same shape."
         )
-    return _fused_kl(clean_logits, adversarial_logits, mask, temperature=temperature, detach_clean=detach_clean)
+    return _fused_kl(
+        clean_logits, adversarial_logits, mask, temperature=temperature, detach_clean=detach_clean
+    )
 
 
 def feature_consistency(adversarial_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,9 @@ class PixelBox:
     def clamp(self, pixel_values: torch.Tensor) -> torch.Tensor:
         lower, upper = self.bounds(pixel_values)
         shape = (-1, 1, 1)
-        return torch.maximum(torch.minimum(pixel_values, upper.view(shape)), lower.view(shape)).to(pixel_values.dtype)
+        return torch.maximum(torch.minimum(pixel_values, upper.view(shape)), lower.view(shape)).to(
+            pixel_values.dtype
+        )
 
     def to_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised values back to [0, 1] pixel units."""

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ran_peft.attacks import AttackBudget, TextPerturbation, attack_mode, pgd_perturb
+from ran_peft.attacks import (
+    AttackBudget,
+    AttackReport,
+    TextPerturbation,
+    attack_mode,
+    input_gradients,
+    pgd_perturb,
+)
 from ran_peft.config import RANConfig
 from ran_peft.families import DualEncoderFamily, FamilyOutput, ModelFamily, detect_family, token_embedding
 from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
@@ -50,7 +57,9 @@ def _feature_terms(config: RANConfig, features: torch.Tensor | None) -> dict[str
     terms = {}
     if config.covariance_weight > 0 or config.spectrum_weight > 0:
         if features is None:
-            raise ValueError("this model exposes no image features, so covariance/spectrum weights must be 0.")
+            raise ValueError(
+                "this model exposes no image features, so covariance/spectrum weights must be 0."
+            )
         if config.covariance_weight > 0:
             terms["covariance"] = covariance_offdiagonal(features)
         if config.spectrum_weight > 0:
@@ -72,10 +81,21 @@ def _reference_features(model: nn.Module, family: ModelFamily, forward, inputs, 
     return features
 
 
-def _gradient_surrogate(parameters: list[torch.Tensor], gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+def _is_fully_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) manages the model: its parameters' storage is freed between passes."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _gradient_surrogate(
+    parameters: list[torch.Tensor], gradients: tuple[torch.Tensor | None, ...]
+) -> torch.Tensor:
     """A term worth exactly 0 whose gradient with respect to each parameter is the given gradient."""
     total = None
-    for parameter, gradient in zip(parameters, gradients):
+    for parameter, gradient in zip(parameters, gradients, strict=True):
         if gradient is None:
             continue
         term = (parameter * gradient.to(parameter.dtype)).sum()
@@ -106,8 +126,8 @@ def ran_loss(
     forward = forward or model
     inputs = dict(inputs)
     num_items_in_batch = inputs.pop("num_items_in_batch", None)
-    family.check_inputs(inputs)
     box = pixel_box or resolve_pixel_box(config)
+    family.check_inputs(inputs, box)
     extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
     # When the Trainer passes `num_items_in_batch`, the model normalises its task loss over the whole accumulated
     # batch; our own terms are batch means, so they get this batch's share of the items.
@@ -134,10 +154,14 @@ def ran_loss(
             term = feature_consistency(adapted, reference)
             loss = loss + share * config.consistency_weight * term
             parts["consistency"] = term.detach()
-        return RANOutput(loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=pixel_values)
+        return RANOutput(
+            loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=pixel_values
+        )
 
     text = TextPerturbation(token_embedding(model), text_epsilon) if text_epsilon > 0 else None
-    text_context = text.active if text is not None else (lambda track_gradient=False: contextlib.nullcontext())
+    text_context = (
+        text.active if text is not None else (lambda track_gradient=False: contextlib.nullcontext())
+    )
 
     # 1. Clean pass. With a free start its backward runs now: one pass gives the input gradient (the attack's
     #    first step) and the clean loss's parameter gradients (carried into the final loss by a surrogate).
@@ -156,8 +180,13 @@ def ran_loss(
         clean_logits = None
     elif free:
         trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
+        if trainable and _is_fully_sharded(model):
+            raise ValueError(
+                "RANConfig.free_start=True takes the clean loss's parameter gradients with torch.autograd.grad, "
+                "which FSDP2 (`fully_shard`) parameters do not support (torch crashes); set free_start=False."
+            )
         text_targets = [text.delta] if text is not None and text.delta is not None else []
-        gradients = torch.autograd.grad(
+        gradients = input_gradients(
             clean.loss,
             [clean_pixels, *text_targets, *trainable],
             allow_unused=True,
@@ -200,6 +229,7 @@ def ran_loss(
             return rectification_kl(clean_logits.detach(), attacked.logits, attacked.logits_mask)
         return attacked.loss
 
+    attack_report = AttackReport()
     with attack_mode(model):
         adversarial_pixels = pgd_perturb(
             attack_objective,
@@ -209,6 +239,7 @@ def ran_loss(
             first_gradient=first_gradient,
             text=text,
             generator=generator,
+            report=attack_report,
         )
 
     # 3. Adversarial pass and rectification.
@@ -235,6 +266,7 @@ def ran_loss(
         loss = loss + share * config.consistency_weight * term
         parts["consistency"] = term.detach()
     parts["epsilon"] = torch.tensor(epsilon)
+    parts["attack_skipped"] = torch.tensor(float(attack_report.skipped))
     logits = (clean if clean is not None else adversarial).logits.detach()
     return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=adversarial_pixels)
 
@@ -255,7 +287,9 @@ class RANTrainingWrapper:
         class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     ):
         if isinstance(model.__dict__.get("forward"), _WrappedForward):
-            raise RuntimeError("this model is already wrapped for RAN training; remove the first wrapper first.")
+            raise RuntimeError(
+                "this model is already wrapped for RAN training; remove the first wrapper first."
+            )
         self.model = model
         self.config = config
         self.pixel_box = pixel_box

@@ -1,8 +1,8 @@
 import pytest
+import tiny_models as tm
 import torch
 from peft import get_peft_model
 
-import tiny_models as tm
 from ran_peft import AttackBudget, PixelBox, RANConfig, attack_mode, detect_family, pgd_perturb
 
 BOX = PixelBox(tm.MEAN, tm.STD)

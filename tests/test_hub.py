@@ -4,12 +4,12 @@ import json
 import shutil
 
 import pytest
+import tiny_models as tm
 import torch
 import yaml
 from huggingface_hub import constants
 from peft import PeftModel, get_peft_model
 
-import tiny_models as tm
 from ran_peft import RANConfig
 from ran_peft import hub as ran_hub
 
@@ -25,7 +25,9 @@ METRICS = {
 @pytest.fixture
 def adapter_model(tmp_path):
     case = tm.vit()
-    config = RANConfig(r=4, target_modules=case.target_modules, modules_to_save=case.modules_to_save, kl_weight=0.5)
+    config = RANConfig(
+        r=4, target_modules=case.target_modules, modules_to_save=case.modules_to_save, kl_weight=0.5
+    )
     model = get_peft_model(case.model, config)
     config.base_model_name_or_path = str(tmp_path / "my-private-disk" / "base")  # a local path of the user
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_push_uploads_a_complete_adapter_without_local_paths(tmp_path, adapter_m
     FakeHubApi.uploads.clear()
     url = ran_hub.push_adapter(folder, "someone/ran-adapter", token="hf_secret_token")
     assert url.endswith("/commit/1")
-    (repo_id, files), = FakeHubApi.uploads
+    ((repo_id, files),) = FakeHubApi.uploads
     assert repo_id == "someone/ran-adapter"
     assert set(files) == {*ran_hub.ADAPTER_FILES, "README.md", ran_hub.METRICS_NAME}
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] is None
@@ -119,7 +121,11 @@ def test_failed_push_keeps_the_local_adapter_and_never_shows_the_token(tmp_path,
     with pytest.raises(ran_hub.HubPushError) as error:
         ran_hub.push_adapter(folder, "someone/ran-adapter", token="hf_secret_token")
     message = str(error.value)
-    assert "hf_secret_token" not in message and "still saved locally" in message and str(folder.resolve()) in message
+    assert (
+        "hf_secret_token" not in message
+        and "still saved locally" in message
+        and str(folder.resolve()) in message
+    )
     assert sorted(p.name for p in folder.iterdir()) == sorted([*ran_hub.ADAPTER_FILES, "README.md"])
 
 

@@ -7,13 +7,13 @@ import sys
 import textwrap
 
 import pytest
+import tiny_models as tm
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainingArguments
 
-import tiny_models as tm
 from ran_peft import RANCallback, RANConfig
 
 
@@ -67,14 +67,24 @@ def test_epsilon_zero_and_no_rectification_is_exactly_lora_training(tmp_path):
         torch.manual_seed(0)
         case = tm.vit(batch=4, seed=0)  # ViT with dropout: the RNG streams must match too
         if use_ran:
-            config = RANConfig(**common, epsilon=0.0, kl_weight=0.0, adversarial_weight=0.5,
-                               image_mean=list(tm.MEAN), image_std=list(tm.STD))
+            config = RANConfig(
+                **common,
+                epsilon=0.0,
+                kl_weight=0.0,
+                adversarial_weight=0.5,
+                image_mean=list(tm.MEAN),
+                image_std=list(tm.STD),
+            )
             callbacks = [RANCallback()]
         else:
             config, callbacks = LoraConfig(**common), []
         model = get_peft_model(case.model, config)
-        Trainer(model=model, args=_args(tmp_path / str(use_ran), steps=5), train_dataset=_rows(case),
-                callbacks=callbacks).train()
+        Trainer(
+            model=model,
+            args=_args(tmp_path / str(use_ran), steps=5),
+            train_dataset=_rows(case),
+            callbacks=callbacks,
+        ).train()
         states.append(_lora_state(model))
     lora, ran = states
     assert lora.keys() == ran.keys() and lora
@@ -121,11 +131,15 @@ def test_ran_through_the_stock_trainer_logs_its_parts_and_leaves_plain_lora(tmp_
 def test_callback_without_a_ran_config_or_normalisation_says_what_is_missing(tmp_path):
     case = tm.vit()
     model = get_peft_model(case.model, LoraConfig(r=2, target_modules=["q_proj"]))
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=1), train_dataset=_rows(case), callbacks=[RANCallback()])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, steps=1), train_dataset=_rows(case), callbacks=[RANCallback()]
+    )
     with pytest.raises(ValueError, match="found no RANConfig"):
         trainer.train()
     model = get_peft_model(tm.vit().model, RANConfig(r=2, target_modules=["q_proj"]))
-    trainer = Trainer(model=model, args=_args(tmp_path, steps=1), train_dataset=_rows(case), callbacks=[RANCallback()])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, steps=1), train_dataset=_rows(case), callbacks=[RANCallback()]
+    )
     with pytest.raises(ValueError, match="image processor"):
         trainer.train()
 
@@ -136,6 +150,7 @@ STOCK_RELOAD = textwrap.dedent(
     from safetensors.torch import load_file
     from transformers import {model_class}
     from peft import PeftModel
+    torch.set_num_threads(int(sys.argv[4]))  # the parent's thread count: same reduction order, same bits
     base = {model_class}.from_pretrained(sys.argv[1])
     model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
     data = load_file(sys.argv[3])
@@ -150,13 +165,22 @@ STOCK_RELOAD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name, output_key", [("clip", "logits_per_image"), ("llava", "logits"), ("vit", "logits")])
-def test_saved_adapter_loads_in_stock_peft_without_ran_peft_with_identical_outputs(tmp_path, name, output_key):
+@pytest.mark.parametrize(
+    "name, output_key", [("clip", "logits_per_image"), ("llava", "logits"), ("vit", "logits")]
+)
+def test_saved_adapter_loads_in_stock_peft_without_ran_peft_with_identical_outputs(
+    tmp_path, name, output_key
+):
     case = tm.ALL_CASES[name]()
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     case.model.save_pretrained(base_dir, safe_serialization=True)
-    config = RANConfig(r=4, target_modules=case.target_modules, modules_to_save=case.modules_to_save,
-                       image_mean=list(tm.MEAN), image_std=list(tm.STD))
+    config = RANConfig(
+        r=4,
+        target_modules=case.target_modules,
+        modules_to_save=case.modules_to_save,
+        image_mean=list(tm.MEAN),
+        image_std=list(tm.STD),
+    )
     model = get_peft_model(case.model, config)
     model.train()
     from ran_peft import ran_loss
@@ -167,8 +191,12 @@ def test_saved_adapter_loads_in_stock_peft_without_ran_peft_with_identical_outpu
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(adapter_dir)
-    assert sorted(os.listdir(adapter_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                               "ran_config.json"]
+    assert sorted(os.listdir(adapter_dir)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ran_config.json",
+    ]
     model.eval()
     with torch.no_grad():
         expected = model(**case.batch)[output_key]
@@ -176,16 +204,28 @@ def test_saved_adapter_loads_in_stock_peft_without_ran_peft_with_identical_outpu
     save_file(tensors, tmp_path / "io.safetensors")
     script = STOCK_RELOAD.format(model_class=type(case.model).__name__, output_key=output_key)
     result = subprocess.run(
-        [sys.executable, "-c", script, str(base_dir), str(adapter_dir), str(tmp_path / "io.safetensors")],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(base_dir),
+            str(adapter_dir),
+            str(tmp_path / "io.safetensors"),
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical" in result.stdout
 
     restored = RANConfig.from_pretrained(str(adapter_dir))
     assert restored.recipe_dict() == config.recipe_dict()
-    reloaded = PeftModel.from_pretrained(type(case.model).from_pretrained(base_dir), adapter_dir,
-                                         config=restored).eval()
+    reloaded = PeftModel.from_pretrained(
+        type(case.model).from_pretrained(base_dir), adapter_dir, config=restored
+    ).eval()
     assert isinstance(reloaded.peft_config["default"], RANConfig)
     with torch.no_grad():
         assert torch.equal(reloaded(**case.batch)[output_key], expected)
@@ -199,15 +239,21 @@ def test_four_bit_nf4_model_trains_with_ran(tmp_path):
 
     case = tm.clip(batch=4)
     case.model.save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     base = CLIPModel.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     assert any("4bit" in type(module).__name__ for module in base.modules())
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_peft_model(base, RANConfig(r=4, target_modules=case.target_modules, attack_steps=2))
     before = _lora_state(model)
-    trainer = Trainer(model=model, args=_args(tmp_path / "run", steps=3), train_dataset=_rows(case),
-                      processing_class=tm.processor(), callbacks=[RANCallback()])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path / "run", steps=3),
+        train_dataset=_rows(case),
+        processing_class=tm.processor(),
+        callbacks=[RANCallback()],
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)

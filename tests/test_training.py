@@ -1,9 +1,9 @@
 import pytest
+import tiny_models as tm
 import torch
 from peft import get_peft_model
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-import tiny_models as tm
 from ran_peft import (
     DualEncoderFamily,
     GenerativeFamily,
@@ -17,11 +17,15 @@ from ran_peft import (
 )
 
 BOX = PixelBox(tm.MEAN, tm.STD)
-FULL_RECIPE = dict(kl_weight=1.0, consistency_weight=0.5, covariance_weight=0.1, spectrum_weight=0.1, spectrum_top_k=1)
+FULL_RECIPE = dict(
+    kl_weight=1.0, consistency_weight=0.5, covariance_weight=0.1, spectrum_weight=0.1, spectrum_top_k=1
+)
 
 
 def _peft(case, **recipe):
-    config = RANConfig(r=4, target_modules=case.target_modules, modules_to_save=case.modules_to_save, **recipe)
+    config = RANConfig(
+        r=4, target_modules=case.target_modules, modules_to_save=case.modules_to_save, **recipe
+    )
     return get_peft_model(case.model, config), config
 
 
@@ -141,7 +145,10 @@ def test_wrapper_only_acts_in_training_and_restores_the_forward():
     "inputs, message",
     [
         ({"labels": torch.tensor([0])}, "pixel_values"),
-        ({"pixel_values": torch.zeros(0, 3, 16, 16), "labels": torch.zeros(0, dtype=torch.long)}, "empty batch"),
+        (
+            {"pixel_values": torch.zeros(0, 3, 16, 16), "labels": torch.zeros(0, dtype=torch.long)},
+            "empty batch",
+        ),
         ({"pixel_values": torch.full((1, 3, 16, 16), float("nan")), "labels": torch.tensor([0])}, "NaN"),
         ({"pixel_values": torch.zeros(1, 3, 16, 16)}, "needs `labels`"),
     ],
@@ -157,8 +164,16 @@ def test_models_that_cannot_be_attacked_get_an_error_saying_what_is_needed():
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="no `pixel_values`"):
         detect_family(bert)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=20, num_hidden_layers=1,
-                                              num_attention_heads=2, image_size=16, patch_size=4))
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="no training loss"):
         detect_family(vision)
 

@@ -63,7 +63,12 @@ _TEXT = dict(
     pad_token_id=0,
 )
 _VISION = dict(
-    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=IMAGE_SIZE, patch_size=4
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    image_size=IMAGE_SIZE,
+    patch_size=4,
 )
 
 
@@ -77,10 +82,14 @@ def vit(batch: int = 4, seed: int = 0) -> TinyCase:
 
 def convnext(batch: int = 4, seed: int = 0) -> TinyCase:
     torch.manual_seed(seed)
-    config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=IMAGE_SIZE)
+    config = ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=IMAGE_SIZE
+    )
     g = torch.Generator().manual_seed(seed)
     inputs = {"pixel_values": pixels(batch, g), "labels": torch.randint(0, 3, (batch,), generator=g)}
-    return TinyCase("convnext", ConvNextForImageClassification(config), inputs, ["pwconv1", "pwconv2"], ["classifier"])
+    return TinyCase(
+        "convnext", ConvNextForImageClassification(config), inputs, ["pwconv1", "pwconv2"], ["classifier"]
+    )
 
 
 def clip(batch: int = 4, seed: int = 0, prompts: bool = False) -> TinyCase:

@@ -1,0 +1,354 @@
+"""Fine-tune a vision-language model (or an image classifier) with RAN through the stock `transformers.Trainer`.
+
+With no arguments it runs offline: a small CLIP-style model pre-trained on the built-in synthetic upstream data
+(built on first use and cached) is fine-tuned with RAN on the built-in synthetic downstream task, and clean and
+robust accuracy are measured before and after. With the network, `--model` and `--dataset` take Hub ids:
+
+    python examples/finetune.py
+    python examples/finetune.py --model flaviagiammarino/pubmed-clip-vit-base-patch32 --dataset owner/dataset
+    torchrun --nproc_per_node 2 examples/finetune.py --max-steps 4 --output-dir runs/ddp
+
+It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (README.md), `ran_metrics.json` and
+`ran_metrics.png`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger("ran_peft.finetune")
+
+
+@dataclass
+class FinetuneArguments:
+    """Every option of the script (`--help` prints them)."""
+
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of a CLIP/SigLIP-style model or an image classifier. "
+            "Default: the embedded offline model (a small CLIP pre-trained on synthetic upstream data)."
+        },
+    )
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (built-in, offline), a Hub dataset id, an image folder or a DICOM folder."
+        },
+    )
+    output_dir: str = field(
+        default="outputs/ran-finetune", metadata={"help": "Where the adapter and reports go."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an adapter already in --output-dir."})
+    max_steps: int = field(default=150, metadata={"help": "Optimiser steps of fine-tuning."})
+    batch_size: int = field(default=32, metadata={"help": "Per-device training batch size."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the adapter."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated LoRA target modules."}
+    )
+    epsilon: float = field(default=4 / 255, metadata={"help": "RAN attack budget in [0, 1] pixel units."})
+    attack_steps: int = field(default=1, metadata={"help": "RAN PGD steps per batch."})
+    adversarial_weight: float = field(default=0.5, metadata={"help": "RAN clean/adversarial mix weight."})
+    kl_weight: float = field(default=1.0, metadata={"help": "RAN KL rectification weight."})
+    consistency_weight: float = field(default=0.0, metadata={"help": "RAN feature-consistency weight."})
+    covariance_weight: float = field(default=0.0, metadata={"help": "RAN covariance (decorrelation) weight."})
+    spectrum_weight: float = field(default=0.0, metadata={"help": "RAN spectrum weight."})
+    noise_warmup_steps: int = field(default=20, metadata={"help": "Steps over which epsilon and kl ramp up."})
+    free_start: bool = field(
+        default=True, metadata={"help": "First attack step from the clean pass's gradient."}
+    )
+    text_epsilon: float = field(
+        default=0.0, metadata={"help": "Budget of the text-embedding attack (0: off)."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 4-bit nf4 (bitsandbytes)."}
+    )
+    compare_lora: bool = field(default=False, metadata={"help": "Also train plain LoRA for the same steps."})
+    train_size: int = field(default=2000, metadata={"help": "Rows of the synthetic training set."})
+    eval_size: int = field(default=300, metadata={"help": "Rows evaluated (clean and under attack)."})
+    eval_epsilons: str = field(
+        default="1/255,2/255,4/255", metadata={"help": "Comma-separated attack budgets."}
+    )
+    eval_attack_steps: int = field(default=10, metadata={"help": "PGD steps of the evaluation attack."})
+    eval_restarts: int = field(default=1, metadata={"help": "Random restarts of the evaluation attack."})
+    prompt_template: str = field(default="A medical image showing {}.", metadata={"help": "Class prompt."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter and its card to the Hub."})
+    hub_repo_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push-to-hub."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+
+class UsageError(ValueError):
+    """A bad argument: reported as one line, before anything is written."""
+
+
+def parse_fraction(text: str) -> float:
+    text = text.strip()
+    if "/" in text:
+        numerator, denominator = text.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(text)
+
+
+def check_arguments(args: FinetuneArguments):
+    """Validate everything that can be checked before loading anything; returns the RANConfig."""
+    from ran_peft import RANConfig
+
+    if args.max_steps < 1:
+        raise UsageError(f"--max-steps={args.max_steps} must be >= 1.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size={args.batch_size} must be >= 1.")
+    try:
+        epsilons = [parse_fraction(value) for value in args.eval_epsilons.split(",") if value.strip()]
+    except ValueError as error:
+        raise UsageError(
+            f"--eval-epsilons={args.eval_epsilons!r} must be numbers like 1/255,4/255."
+        ) from error
+    if not epsilons or any(not 0 < value <= 1 for value in epsilons):
+        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: every budget must be in (0, 1].")
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
+    if args.push_to_hub and not args.hub_repo_id:
+        raise UsageError("--push-to-hub needs --hub-repo-id owner/name.")
+    if args.model is not None and not os.path.isdir(args.model) and not _looks_like_hub_id(args.model):
+        raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
+    output = Path(args.output_dir)
+    if (output / "adapter_config.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"--output-dir={args.output_dir} already holds an adapter; pass --overwrite or another folder."
+        )
+    try:
+        config = RANConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
+            epsilon=args.epsilon,
+            attack_steps=args.attack_steps,
+            adversarial_weight=args.adversarial_weight,
+            kl_weight=args.kl_weight,
+            consistency_weight=args.consistency_weight,
+            covariance_weight=args.covariance_weight,
+            spectrum_weight=args.spectrum_weight,
+            noise_warmup_steps=args.noise_warmup_steps,
+            free_start=args.free_start,
+            text_epsilon=args.text_epsilon,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return config, epsilons
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
+
+
+def load_model_and_processor(args: FinetuneArguments, training_args: TrainingArguments):
+    """The base model (optionally 4-bit) and its processor. The embedded default is built once, on rank 0 first."""
+    from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
+
+    from ran_peft.pretrain import build_default_model
+
+    source = args.model
+    if source is None:
+        with training_args.main_process_first(desc="building the embedded default model"):
+            source = str(build_default_model(progress=args.progress))
+    kwargs = {}
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise UsageError(f"--model={source!r} could not be loaded: {str(error).splitlines()[0]}") from error
+    if not hasattr(model, "get_text_features"):
+        raise UsageError(
+            f"--model={source!r} is a {type(model).__name__}; this script fine-tunes dual encoders (CLIP, SigLIP) "
+            "as prompt-based classifiers. See examples/finetune_llava.py for generative VLMs."
+        )
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, processor, source
+
+
+def load_data(args: FinetuneArguments):
+    from ran_peft.data import load_dataset_any, synthetic_medical_dataset
+
+    if args.dataset.startswith("synthetic"):
+        train = synthetic_medical_dataset(args.train_size, seed=args.seed, image_size=64, task="finding")
+        evaluation = synthetic_medical_dataset(
+            args.eval_size, seed=args.seed + 1, image_size=64, task="finding"
+        )
+        return train, evaluation
+    try:
+        data = load_dataset_any(args.dataset)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"--dataset={args.dataset!r}: {error}") from error
+    if "image" not in data.column_names:
+        raise UsageError(f"--dataset={args.dataset!r} has no images (columns: {data.column_names}).")
+    if "label" not in data.column_names:
+        raise UsageError(
+            f"--dataset={args.dataset!r} has no labels to classify (columns: {data.column_names})."
+        )
+    split = data.train_test_split(test_size=min(args.eval_size, len(data) // 5 or 1), seed=args.seed)
+    return split["train"], split["test"]
+
+
+def plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, run in metrics["runs"].items():
+        keys = ["0", *run["robust_accuracy"].keys()]
+        values = [run["clean_accuracy"], *run["robust_accuracy"].values()]
+        axis.plot(keys, [100 * v for v in values], marker="o", label=name)
+    axis.set_xlabel("attack budget (PGD, pixel units)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title("Clean and robust accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def table(metrics: dict) -> str:
+    runs = metrics["runs"]
+    keys = list(next(iter(runs.values()))["robust_accuracy"].keys())
+    lines = [f"{'model':<12} {'clean':>7} " + " ".join(f"{'@' + k:>9}" for k in keys)]
+    for name, run in runs.items():
+        cells = " ".join(f"{100 * run['robust_accuracy'][k]:9.1f}" for k in keys)
+        lines.append(f"{name:<12} {100 * run['clean_accuracy']:7.1f} {cells}")
+    return "\n".join(lines)
+
+
+def run(args: FinetuneArguments) -> dict:
+    from ran_peft import PixelBox
+    from ran_peft.data import ImageTextCollator, tokenize_class_prompts
+    from ran_peft.experiments import ExperimentSettings, evaluate_adapter, lora_equivalent, train_adapter
+    from ran_peft.hub import push_adapter, save_adapter
+
+    config, epsilons = check_arguments(args)
+    probe_args = TrainingArguments(
+        output_dir=tempfile.gettempdir(), report_to=[], use_cpu=not torch.cuda.is_available()
+    )
+    model, processor, source = load_model_and_processor(args, probe_args)
+    train, evaluation = load_data(args)
+    label_feature = train.features["label"]
+    if not hasattr(label_feature, "names"):
+        raise UsageError(
+            f"--dataset={args.dataset!r}: the label column needs class names (a ClassLabel feature)."
+        )
+    class_text_inputs = tokenize_class_prompts(
+        processor.tokenizer, label_feature.names, template=args.prompt_template
+    )
+    collator = ImageTextCollator(processor.image_processor, processor.tokenizer, mode="classification")
+    pixel_box = PixelBox.from_processor(processor)
+    config.image_mean, config.image_std = list(pixel_box.mean), list(pixel_box.std)
+    config.base_model_name_or_path = source
+    settings = ExperimentSettings(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        eval_epsilons=tuple(epsilons),
+        eval_attack_steps=args.eval_attack_steps,
+        eval_restarts=args.eval_restarts,
+        progress=args.progress,
+    )
+    measure = dict(class_text_inputs=class_text_inputs)
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    metrics = {
+        "attack": {},
+        "runs": {},
+        "recipe": config.recipe_dict(),
+        "base_model": args.model or "embedded",
+    }
+    if not distributed:  # under torchrun, rank 0 measures once training is done
+        metrics["runs"]["before"] = evaluate_adapter(
+            model, evaluation, collator, pixel_box, settings, **measure
+        )
+
+    output = Path(args.output_dir)
+    work_dir = Path(tempfile.mkdtemp(prefix=".ran-finetune-work-"))
+    try:
+        trainer, ran_model, seconds = train_adapter(
+            model, config, train, collator, processor.image_processor, settings, work_dir, **measure
+        )
+        if not trainer.is_world_process_zero():
+            return metrics
+        if args.compare_lora and not distributed:
+            fresh_base = load_model_and_processor(args, probe_args)[0]
+            _, lora_model, lora_seconds = train_adapter(
+                fresh_base,
+                lora_equivalent(config),
+                train,
+                collator,
+                processor.image_processor,
+                settings,
+                work_dir,
+                **measure,
+            )
+            metrics["runs"]["lora"] = evaluate_adapter(
+                lora_model, evaluation, collator, pixel_box, settings, **measure
+            )
+            metrics["runs"]["lora"]["train_seconds"] = lora_seconds
+        metrics["runs"]["ran"] = evaluate_adapter(
+            ran_model, evaluation, collator, pixel_box, settings, **measure
+        )
+        metrics["runs"]["ran"]["train_seconds"] = seconds
+        metrics["attack"] = metrics["runs"]["ran"]["attack"]
+        metrics["train_log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
+        save_adapter(ran_model, output, metrics=metrics, datasets=[args.dataset], overwrite=args.overwrite)
+        plot(metrics, output / "ran_metrics.png")
+        print(table(metrics))
+        print(f"adapter, model card, ran_metrics.json and ran_metrics.png in {output}")
+        if args.push_to_hub:
+            print(push_adapter(output, args.hub_repo_id))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(FinetuneArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # one clear line; the traceback only with RAN_PEFT_DEBUG=1
+        if os.environ.get("RAN_PEFT_DEBUG"):
+            raise
+        print(
+            f"error: {type(error).__name__}: {error} (set RAN_PEFT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The example scripts, end to end on tiny offline models: exit codes, outputs, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from ran_peft.pretrain import offline_processor, small_clip_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "examples" / "finetune.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    processor = offline_processor(image_size=32)
+    torch.manual_seed(0)
+    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=32))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _run(args, tmp_path, timeout=600, launcher=None):
+    command = (launcher or [sys.executable]) + [str(FINETUNE), *args]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAN_PEFT_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+QUICK = [
+    "--max-steps",
+    "3",
+    "--train-size",
+    "48",
+    "--eval-size",
+    "24",
+    "--batch-size",
+    "8",
+    "--eval-attack-steps",
+    "2",
+    "--no-progress",
+]
+
+
+def test_finetune_runs_offline_and_writes_an_adapter_stock_peft_loads(tmp_path, tiny_clip_dir):
+    out = tmp_path / "out"
+    result = _run(
+        ["--model", str(tiny_clip_dir), "--output-dir", str(out), "--compare-lora", *QUICK], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ran_config.json",
+        "README.md",
+        "ran_metrics.json",
+        "ran_metrics.png",
+    } <= names
+    metrics = json.loads((out / "ran_metrics.json").read_text())
+    assert set(metrics["runs"]) == {"before", "lora", "ran"}
+    for run in metrics["runs"].values():
+        assert 0 <= run["clean_accuracy"] <= 1 and set(run["robust_accuracy"]) == {"1/255", "2/255", "4/255"}
+    assert "ran/kl" in metrics["train_log"][-1]
+    assert "clean" in result.stdout and "@4/255" in result.stdout
+    check = (
+        "import sys; from transformers import CLIPModel; from peft import PeftModel; "
+        f"PeftModel.from_pretrained(CLIPModel.from_pretrained({str(tiny_clip_dir)!r}), {str(out)!r}); "
+        "assert not any(m.startswith('ran_peft') for m in sys.modules); print('ok')"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=240)
+    assert loaded.returncode == 0 and "ok" in loaded.stdout, loaded.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epsilon", "2"], "RANConfig.epsilon=2.0 is not allowed"),
+        (["--model", "/no/such/model/folder"], "--model='/no/such/model/folder'"),
+        (["--model", "{tiny}", "--dataset", "{textonly}"], "image_column='image'"),
+        (["--push-to-hub"], "--push-to-hub needs --hub-repo-id"),
+        (["--max-steps", "0"], "--max-steps=0"),
+    ],
+)
+def test_bad_arguments_end_with_one_clear_line_and_write_nothing(tmp_path, tiny_clip_dir, args, message):
+    import datasets
+
+    text_only = tmp_path / "text-only"
+    datasets.Dataset.from_dict({"caption": ["a", "b"], "label": [0, 1]}).save_to_disk(str(text_only))
+    args = [a.format(tiny=tiny_clip_dir, textonly=text_only) for a in args]
+    out = tmp_path / "out"
+    result = _run([*QUICK, "--output-dir", str(out), *args], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_four_bit_without_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import finetune
+    finally:
+        sys.path.pop(0)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
+    arguments = finetune.FinetuneArguments(load_in_4bit=True, output_dir=str(tmp_path / "out"))
+    with pytest.raises(finetune.UsageError, match="needs bitsandbytes"):
+        finetune.check_arguments(arguments)
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_with_two_cpu_processes(tmp_path, tiny_clip_dir):
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+    ]
+    result = _run(
+        ["--model", str(tiny_clip_dir), "--output-dir", str(out), *QUICK, "--max-steps", "4"],
+        tmp_path,
+        launcher=launcher,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert len(list(tmp_path.glob("**/adapter_model.safetensors"))) == 1
