@@ -193,9 +193,14 @@ class DualEncoderFamily(ModelFamily):
             prompts = self._class_prompts(inputs)
             device = pixel_values.device
             kwargs = {key: value.to(device) for key, value in prompts.items()}
-            outputs = forward(pixel_values=pixel_values, **kwargs, **(extra or {}))
+            extra = dict(extra or {})
+            num_items_in_batch = extra.pop("num_items_in_batch", None)
+            outputs = forward(pixel_values=pixel_values, **kwargs, **extra)
             logits = _get(outputs, "logits_per_image")
-            loss = F.cross_entropy(logits.float(), labels.to(device))
+            if num_items_in_batch:  # the Trainer's gradient-accumulation contract: a sum over the whole batch
+                loss = F.cross_entropy(logits.float(), labels.to(device), reduction="sum") / num_items_in_batch
+            else:
+                loss = F.cross_entropy(logits.float(), labels.to(device))
         else:
             skip = {"labels", "class_input_ids", "class_attention_mask", "return_loss"}
             kwargs = {key: value for key, value in inputs.items() if key not in skip}

@@ -40,7 +40,7 @@ def _rows(case, repeats=4):
 
 
 def _args(tmp_path, steps=4, **overrides):
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path),
         max_steps=steps,
         per_device_train_batch_size=4,
@@ -52,8 +52,8 @@ def _args(tmp_path, steps=4, **overrides):
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **overrides,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def _lora_state(model):
@@ -259,3 +259,37 @@ def test_four_bit_nf4_model_trains_with_ran(tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
     after = _lora_state(model)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_dual_encoder_prompt_classification_honours_gradient_accumulation(tmp_path):
+    """batch 4 in one step == 2 micro-batches of 2 accumulated (the Trainer's `num_items_in_batch` contract)."""
+    states = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        case = tm.clip(batch=4, prompts=True)
+        config = RANConfig(r=4, target_modules=case.target_modules, epsilon=0.0, kl_weight=0.0)
+        model = get_peft_model(case.model, config)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.fill_(0.05)
+        args = _args(
+            tmp_path / str(batch),
+            steps=2,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            label_names=["labels"],
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,  # no clipping: it would hide a wrongly scaled gradient
+        )
+        Trainer(
+            model=model,
+            args=args,
+            train_dataset=_rows(case, repeats=2),
+            processing_class=tm.processor(),
+            callbacks=[RANCallback(class_text_inputs=case.class_text_inputs)],
+        ).train()
+        states.append(_lora_state(model))
+    assert any((state != 0.05).any() for name, state in states[0].items() if "lora_B" in name)  # it trained
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-4)
