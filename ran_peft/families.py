@@ -198,7 +198,9 @@ class DualEncoderFamily(ModelFamily):
             outputs = forward(pixel_values=pixel_values, **kwargs, **extra)
             logits = _get(outputs, "logits_per_image")
             if num_items_in_batch:  # the Trainer's gradient-accumulation contract: a sum over the whole batch
-                loss = F.cross_entropy(logits.float(), labels.to(device), reduction="sum") / num_items_in_batch
+                loss = (
+                    F.cross_entropy(logits.float(), labels.to(device), reduction="sum") / num_items_in_batch
+                )
             else:
                 loss = F.cross_entropy(logits.float(), labels.to(device))
         else:
