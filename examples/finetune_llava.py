@@ -1,0 +1,477 @@
+"""Fine-tune a generative vision-language model (LLaVA-style) with RAN on visual question answering or report
+generation, through the stock `transformers.Trainer` and `RANCallback`.
+
+The loss is the language-model loss on the answer tokens only; RAN attacks the image and rectifies the answer's
+next-token distributions. `--tiny` runs offline on a tiny random LLaVA (built once and cached); a real model and a
+Hub dataset need the network:
+
+    python examples/finetune_llava.py --tiny --max-steps 20
+    python examples/finetune_llava.py --model chaoyinshe/llava-med-v1.5-mistral-7b-hf --load-in-4bit \
+        --dataset flaviagiammarino/vqa-rad --image-column image --question-column question --answer-column answer
+
+It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (README.md) and `ran_metrics.json`
+(teacher-forced answer accuracy, clean and under attack, before and after fine-tuning).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+logger = logging.getLogger("ran_peft.finetune_llava")
+
+TINY_MODEL_NAME = "tiny-random-llava-v1"
+# The synthetic task: question -> the row column that answers it. Short answers make the exact-match accuracy
+# informative; the report question trains report generation.
+SYNTHETIC_QUESTIONS = {
+    "Describe the finding.": "caption",
+    "What is the imaging modality?": "modality",
+    "Which organ is shown?": "anatomy",
+    "What is the finding?": "finding",
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+@dataclass
+class LlavaFinetuneArguments:
+    """Every option of the script (`--help` prints them)."""
+
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of a generative VLM that AutoModelForImageTextToText loads "
+            "(LLaVA-style, e.g. chaoyinshe/llava-med-v1.5-mistral-7b-hf). Required unless --tiny."
+        },
+    )
+    tiny: bool = field(
+        default=False,
+        metadata={
+            "help": "Use a tiny random LLaVA built offline (for smoke runs; its answers mean nothing)."
+        },
+    )
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (built-in, offline: questions about synthetic scans, captions as reports), a Hub "
+            "VQA dataset id, or a folder written by datasets' save_to_disk."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a Hub dataset."})
+    question_column: str = field(default="question", metadata={"help": "Question column of a Hub dataset."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "Answer (or report) column of a Hub dataset."}
+    )
+    output_dir: str = field(
+        default="outputs/ran-finetune-llava", metadata={"help": "Where the adapter and reports go."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an adapter already in --output-dir."})
+    max_steps: int = field(default=100, metadata={"help": "Optimiser steps of fine-tuning."})
+    batch_size: int = field(default=4, metadata={"help": "Per-device training batch size."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the adapter."})
+    max_answer_tokens: int = field(
+        default=64, metadata={"help": "Answers are cut to this many tokens (the prompt never is)."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    target_modules: str = field(
+        default="q_proj,v_proj",
+        metadata={
+            "help": "Comma-separated LoRA target modules (in the vision tower and the language model)."
+        },
+    )
+    epsilon: float = field(default=4 / 255, metadata={"help": "RAN attack budget in [0, 1] pixel units."})
+    attack_steps: int = field(default=1, metadata={"help": "RAN PGD steps per batch."})
+    adversarial_weight: float = field(default=0.5, metadata={"help": "RAN clean/adversarial mix weight."})
+    kl_weight: float = field(
+        default=1.0, metadata={"help": "RAN KL rectification weight (over the answer tokens' distributions)."}
+    )
+    consistency_weight: float = field(default=0.0, metadata={"help": "RAN feature-consistency weight."})
+    noise_warmup_steps: int = field(default=10, metadata={"help": "Steps over which epsilon and kl ramp up."})
+    free_start: bool = field(
+        default=True, metadata={"help": "First attack step from the clean pass's gradient."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 4-bit nf4 (bitsandbytes), QLoRA-style."}
+    )
+    train_size: int = field(
+        default=512, metadata={"help": "Training rows (synthetic: rows made; Hub: at most)."}
+    )
+    eval_size: int = field(
+        default=16, metadata={"help": "Rows evaluated before and after (clean and attacked)."}
+    )
+    eval_batch_size: int = field(default=4, metadata={"help": "Batch size of the evaluation."})
+    eval_epsilons: str = field(
+        default="2/255,4/255", metadata={"help": "Comma-separated attack budgets of the evaluation."}
+    )
+    eval_attack_steps: int = field(default=5, metadata={"help": "PGD steps of the evaluation attack."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+
+class UsageError(ValueError):
+    """A bad argument: reported as one line, before anything is written."""
+
+
+def check_arguments(args: LlavaFinetuneArguments):
+    """Validate everything that can be checked before loading anything; returns the RANConfig and the budgets."""
+    from ran_peft import RANConfig
+    from ran_peft.evaluation import parse_epsilon
+
+    if args.tiny == (args.model is not None):
+        raise UsageError("pass exactly one of --model (a Hub id or folder) and --tiny.")
+    looks_like_hub_id = args.model is not None and _HUB_ID.fullmatch(args.model) and ".." not in args.model
+    if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id:
+        raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
+    for name in (
+        "max_steps",
+        "batch_size",
+        "max_answer_tokens",
+        "train_size",
+        "eval_size",
+        "eval_batch_size",
+    ):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+    try:
+        epsilons = [parse_epsilon(value) for value in args.eval_epsilons.split(",") if value.strip()]
+    except ValueError as error:
+        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: {error}") from error
+    if not epsilons or any(not 0 < value <= 1 for value in epsilons):
+        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: every budget must be in (0, 1].")
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
+    if (Path(args.output_dir) / "adapter_config.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"--output-dir={args.output_dir} already holds an adapter; pass --overwrite or another folder."
+        )
+    try:
+        config = RANConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
+            epsilon=args.epsilon,
+            attack_steps=args.attack_steps,
+            adversarial_weight=args.adversarial_weight,
+            kl_weight=args.kl_weight,
+            consistency_weight=args.consistency_weight,
+            noise_warmup_steps=args.noise_warmup_steps,
+            free_start=args.free_start,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return config, epsilons
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_llava() -> Path:
+    """A tiny random LLaVA (CLIP vision tower, Llama language model) with a real `LlavaProcessor`, built once.
+
+    The processor is a word-level tokenizer over the synthetic questions and captions with an `<image>` token, a
+    32-pixel CLIP image processor and a small chat template, so `--tiny` runs the same code path as a real model.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from ran_peft.pretrain import IMAGE_MEAN, IMAGE_STD, cache_root
+    from ran_peft.text import build_word_tokenizer, synthetic_vocabulary
+
+    folder = cache_root() / TINY_MODEL_NAME
+    if (folder / "model.safetensors").is_file() and (folder / "processor_config.json").is_file():
+        return folder
+    image_size, patch_size = 32, 8
+    tokenizer = build_word_tokenizer(
+        [*synthetic_vocabulary(), "USER: ASSISTANT:", *SYNTHETIC_QUESTIONS], max_length=128
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+    chat_template = (
+        "{% for message in messages %}{{ message['role'] | upper }}: {% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+        "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+        chat_template=chat_template,
+    )
+    width = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            **width,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config=LlamaConfig(
+            **width,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).to_dict(),
+        image_token_index=processor.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_model_and_processor(args: LlavaFinetuneArguments):
+    """The base model (optionally 4-bit nf4, prepared for k-bit training), its processor and where it came from."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    source = str(build_tiny_llava()) if args.tiny else args.model
+    kwargs: dict[str, Any] = {}
+    if args.load_in_4bit:
+        on_gpu = torch.cuda.is_available()
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        )
+        kwargs["device_map"] = {"": 0} if on_gpu else "cpu"
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model={source!r} could not be loaded: {str(error).splitlines()[0]}") from error
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise UsageError(f"--model={source!r}: its processor has no image processor and tokenizer.")
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, processor, source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: rows (image, question, answer) -> prompt + answer tokens, labels on the answer only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_vqa(n: int, seed: int):
+    """Synthetic scans with one question each, cycling through `SYNTHETIC_QUESTIONS`."""
+    from ran_peft.data import synthetic_medical_dataset
+
+    rows = synthetic_medical_dataset(n, seed=seed, image_size=64, task="finding")
+    questions = [list(SYNTHETIC_QUESTIONS)[index % len(SYNTHETIC_QUESTIONS)] for index in range(n)]
+    columns = {name: rows[name] for name in set(SYNTHETIC_QUESTIONS.values())}  # reads no image
+    answers = [str(columns[SYNTHETIC_QUESTIONS[q]][index]) for index, q in enumerate(questions)]
+    return rows.add_column("question", questions).add_column("answer", answers)
+
+
+def load_data(args: LlavaFinetuneArguments):
+    """(train, eval) datasets with `image`, `question` and `answer` columns."""
+    if args.dataset == "synthetic":
+        return synthetic_vqa(args.train_size, args.seed), synthetic_vqa(args.eval_size, args.seed + 1)
+    from ran_peft.data import load_hub_dataset
+
+    try:
+        data = load_hub_dataset(
+            args.dataset, split=args.split, image_column=args.image_column, caption_column=args.answer_column
+        )
+    except (ValueError, FileNotFoundError) as error:
+        # name our options, not the loader's arguments
+        reason = (
+            str(error)
+            .replace("caption_column=", "--answer-column=")
+            .replace("image_column=", "--image-column=")
+        )
+        raise UsageError(f"--dataset={args.dataset!r}: {reason}") from error
+    if args.question_column not in data.column_names:
+        raise UsageError(
+            f"--question-column={args.question_column!r}: dataset {args.dataset!r} has no such column; "
+            f"available columns: {sorted(data.column_names)}."
+        )
+    data = data.rename_columns({"caption": "answer", args.question_column: "question"})
+    if len(data) < 2:
+        raise UsageError(f"--dataset={args.dataset!r} has {len(data)} row(s): at least 2 are needed.")
+    split = data.train_test_split(test_size=min(args.eval_size, len(data) // 5 or 1), seed=args.seed)
+    train = split["train"]
+    return train.select(range(min(args.train_size, len(train)))), split["test"]
+
+
+class VQACollator:
+    """Rows -> `pixel_values`, `input_ids`, `attention_mask`, `labels` for a LLaVA-style model.
+
+    Each sequence is the processor's prompt (chat template if the processor has one, image tokens already expanded
+    by the processor) followed by the answer tokens and EOS; `labels` are -100 on the prompt and padding and the
+    token ids on the answer, one label per input position (what RAN's generative family needs).
+    """
+
+    def __init__(self, processor: Any, max_answer_tokens: int = 64):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_answer_tokens = max_answer_tokens
+        self.pad_id = next(
+            (i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if i is not None), 0
+        )
+
+    def prompt(self, question: str) -> str:
+        if getattr(self.processor, "chat_template", None):
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            ]
+            return self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        image_token = getattr(self.processor, "image_token", "<image>")
+        return f"{image_token}\n{question}\nAnswer:"
+
+    def _encode(self, row: dict) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+        text = self.prompt(str(row["question"]))
+        bos = self.tokenizer.bos_token
+        # A template that writes the BOS itself must not get a second one from the tokenizer.
+        special = not (bos and text.startswith(bos))
+        encoded = self.processor(
+            images=[row["image"].convert("RGB")], text=[text], add_special_tokens=special, return_tensors="pt"
+        )
+        prompt_ids = encoded.pop("input_ids")[0].tolist()
+        encoded.pop("attention_mask", None)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and prompt_ids and prompt_ids[-1] == eos:  # tokenizers that close every text
+            prompt_ids = prompt_ids[:-1]
+        answer_ids = self.tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids[: self.max_answer_tokens] + ([eos] if eos is not None else [])
+        return encoded, prompt_ids, answer_ids
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self._encode(row) for row in rows]
+        length = max(len(prompt) + len(answer) for _, prompt, answer in encoded)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for index, (_, prompt, answer) in enumerate(encoded):
+            sequence = torch.tensor(prompt + answer, dtype=torch.long)
+            input_ids[index, : len(sequence)] = sequence
+            attention_mask[index, : len(sequence)] = 1
+            labels[index, len(prompt) : len(sequence)] = sequence[len(prompt) :]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # pixel_values and whatever else the processor gives per image (e.g. image_sizes), one row per sample
+        for key in encoded[0][0]:
+            batch[key] = torch.cat([images[key] for images, _, _ in encoded])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(args: LlavaFinetuneArguments) -> dict:
+    from ran_peft import PixelBox
+    from ran_peft.experiments import ExperimentSettings, evaluate_adapter, train_adapter
+    from ran_peft.hub import save_adapter
+
+    config, epsilons = check_arguments(args)
+    train, evaluation = load_data(args)
+    model, processor, source = load_model_and_processor(args)
+    collator = VQACollator(processor, max_answer_tokens=args.max_answer_tokens)
+    pixel_box = PixelBox.from_processor(processor)
+    if pixel_box is None:
+        raise UsageError(f"--model={source!r}: its image processor has no image_mean/image_std.")
+    config.image_mean, config.image_std = list(pixel_box.mean), list(pixel_box.std)
+    config.base_model_name_or_path = source
+    settings = ExperimentSettings(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        eval_epsilons=tuple(epsilons),
+        eval_attack_steps=args.eval_attack_steps,
+        eval_batch_size=args.eval_batch_size,
+        progress=args.progress,
+    )
+    metrics: dict[str, Any] = {
+        "task": "visual question answering: teacher-forced exact match of the whole answer",
+        "runs": {"before": evaluate_adapter(model, evaluation, collator, pixel_box, settings)},
+        "recipe": config.recipe_dict(),
+        "base_model": "tiny-random-llava" if args.tiny else args.model,
+    }
+    output = Path(args.output_dir)
+    work_dir = Path(tempfile.mkdtemp(prefix=".ran-finetune-llava-work-"))
+    try:
+        trainer, ran_model, seconds = train_adapter(
+            model, config, train, collator, processor.image_processor, settings, work_dir
+        )
+        if not trainer.is_world_process_zero():
+            return metrics
+        metrics["runs"]["ran"] = evaluate_adapter(ran_model, evaluation, collator, pixel_box, settings)
+        metrics["runs"]["ran"]["train_seconds"] = seconds
+        metrics["attack"] = metrics["runs"]["ran"]["attack"]
+        metrics["train_log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
+        save_adapter(ran_model, output, metrics=metrics, datasets=[args.dataset], overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    for name, report in metrics["runs"].items():
+        robust = ", ".join(f"@{key} {100 * value:.1f}%" for key, value in report["robust_accuracy"].items())
+        print(f"{name:<7} answer accuracy: clean {100 * report['clean_accuracy']:.1f}%, {robust}")
+    print(f"adapter, model card and ran_metrics.json in {output}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(LlavaFinetuneArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # one clear line; the traceback only with RAN_PEFT_DEBUG=1
+        if os.environ.get("RAN_PEFT_DEBUG"):
+            raise
+        print(
+            f"error: {type(error).__name__}: {error} (set RAN_PEFT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
