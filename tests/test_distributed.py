@@ -138,3 +138,10 @@ def test_free_start_and_attack_leave_grad_untouched_and_each_weight_gets_one_acc
     assert set(accumulations.values()) == {0}
     output.loss.backward()
     assert set(accumulations.values()) == {1}  # DDP's reducer would mark each weight ready exactly once
+
+
+def test_fsdp2_fully_sharded_model_trains_without_free_start_and_refuses_it_clearly():
+    script = Path(__file__).parent / "scripts" / "fsdp2_train.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fsdp2 ok" in result.stdout
