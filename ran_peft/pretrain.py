@@ -4,6 +4,7 @@ of `examples/finetune.py`, and the upstream models of the noise study. Built on 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from ran_peft.text import build_word_tokenizer, synthetic_vocabulary
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
 DEFAULT_MODEL_NAME = "synthetic-medical-clip-v1"
+BUILD_MARKER = "ran_peft_build.json"  # written last: a folder holding it is a complete build
 
 
 def cache_root() -> Path:
@@ -79,6 +81,11 @@ def pretrain_clip(
     progress: bool = True,
 ) -> CLIPModel:
     """Contrastive (InfoNCE) pre-training of a small CLIP from scratch on image-caption rows."""
+    if len(upstream) < 2:
+        raise ValueError(
+            f"pre-training needs at least 2 image-caption rows (a contrastive batch), got {len(upstream)}."
+        )
+    batch_size = min(batch_size, len(upstream))  # with drop_last, a larger batch would yield no batch at all
     torch.manual_seed(seed)
     model = CLIPModel(small_clip_config(processor.tokenizer, image_size=image_size))
     collator = ImageTextCollator(processor.image_processor, processor.tokenizer, mode="contrastive")
@@ -127,7 +134,7 @@ def build_default_model(
     Returns its folder (model and processor, `from_pretrained`-ready). The folder appears whole or not at all.
     """
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / DEFAULT_MODEL_NAME
-    if (folder / "model.safetensors").is_file() and (folder / "preprocessor_config.json").is_file():
+    if (folder / BUILD_MARKER).is_file():
         return folder
     processor = offline_processor()
     upstream = synthetic_medical_dataset(upstream_size, seed=seed + 1000, image_size=64, task="finding")
@@ -137,8 +144,12 @@ def build_default_model(
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
+        settings = {"upstream_size": upstream_size, "steps": steps, "seed": seed}
+        (staging / BUILD_MARKER).write_text(json.dumps(settings, indent=2))
+        if folder.exists():  # an incomplete earlier build (it has no marker): set it aside, then drop it
+            stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+            os.replace(folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

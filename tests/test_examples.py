@@ -147,3 +147,21 @@ def test_finetune_under_torchrun_with_two_cpu_processes(tmp_path, tiny_clip_dir)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "adapter_model.safetensors").is_file()
     assert len(list(tmp_path.glob("**/adapter_model.safetensors"))) == 1
+
+
+def test_default_model_is_built_once_and_then_reused(tmp_path, monkeypatch):
+    from ran_peft import pretrain
+
+    calls = []
+    real_pretrain = pretrain.pretrain_clip
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "pretrain_clip", counted)
+    folder = pretrain.build_default_model(tmp_path / "model", upstream_size=16, steps=1, progress=False)
+    assert (folder / pretrain.BUILD_MARKER).is_file() and (folder / "model.safetensors").is_file()
+    again = pretrain.build_default_model(tmp_path / "model", upstream_size=16, steps=1, progress=False)
+    assert again == folder and len(calls) == 1
+    assert not list(tmp_path.glob(".model.*"))

@@ -1,0 +1,144 @@
+"""The robustness and ablation benchmarks, end to end on a tiny offline CLIP: JSON structure, table and plot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from ran_peft.pretrain import offline_processor, small_clip_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EPSILONS = {"1/255", "2/255", "4/255"}
+
+
+def _load(name: str):
+    # The benchmarks folder stays off the import path (it holds `kernels.py`): load the scripts by file path.
+    module_name = f"ran_peft_benchmarks_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    processor = offline_processor(image_size=32)
+    torch.manual_seed(0)
+    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=32))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _tiny(model_dir, out):
+    return [
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--train-size",
+        "8",
+        "--eval-size",
+        "8",
+        "--eval-attack-steps",
+        "11",
+        "--no-progress",
+    ]
+
+
+def _check_run(run):
+    assert 0 <= run["clean_acc"] <= 1
+    assert set(run["robust_acc"]) == EPSILONS
+    assert all(0 <= value <= run["clean_acc"] + 1e-9 for value in run["robust_acc"].values())
+    assert run["train_seconds"] > 0
+    assert run["attack"]["steps"] == 11 and run["attack"]["restarts"] == 1
+    assert run["loss_log"] and all("loss" in entry for entry in run["loss_log"])
+
+
+# ~10 s of CPU; 30 s on a busy 2-core machine
+@pytest.mark.slow
+def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
+    out = tmp_path / "robustness.json"
+    returned = _load("robustness").main(_tiny(tiny_clip_dir, out))
+    results = json.loads(out.read_text())
+    assert set(results["methods"]) == {"lora", "pgd_at", "trades", "ran"}
+    assert results["methods"].keys() == returned["methods"].keys()
+    for run in results["methods"].values():
+        _check_run(run)
+    assert results["methods"]["lora"]["step_time_ratio_to_lora"] == pytest.approx(1.0)
+    assert (
+        results["recipes"]["pgd_at"]["attack_steps"] == 10 and results["recipes"]["ran"]["attack_steps"] == 1
+    )
+    assert results["recipes"]["lora"]["epsilon"] == 0
+    assert {"machine", "torch_version", "seed", "settings"} <= set(results)
+    assert results["settings"]["max_steps"] == 2 and results["settings"]["eval_attack_steps"] == 11
+    table = (tmp_path / "robustness.md").read_text()
+    assert "| method | clean | robust @1/255 | robust @2/255 | robust @4/255 |" in table
+    assert all(f"| {name} |" in table for name in ("lora", "pgd_at", "trades", "ran"))
+    assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_robustness_refuses_an_evaluation_attack_no_stronger_than_training(tmp_path, tiny_clip_dir):
+    arguments = _tiny(tiny_clip_dir, tmp_path / "r.json")
+    arguments[arguments.index("--eval-attack-steps") + 1] = "10"
+    with pytest.raises(SystemExit, match="must be stronger"):
+        _load("robustness").main([*arguments, "--methods", "pgd_at"])
+    assert not (tmp_path / "r.json").exists()
+
+
+# ~10 s of CPU; 30 s on a busy 2-core machine
+@pytest.mark.slow
+def test_ablation_writes_json_and_a_table_with_deltas_and_the_generated_paragraph(tmp_path, tiny_clip_dir):
+    out = tmp_path / "ablation.json"
+    variants = "default,lora,no_kl,consistency"
+    _load("ablation").main([*_tiny(tiny_clip_dir, out), "--variants", variants])
+    results = json.loads(out.read_text())
+    assert list(results["variants"]) == variants.split(",")
+    for row in results["variants"].values():
+        _check_run(row)
+        assert set(row["delta_vs_default"]["robust_acc"]) == EPSILONS
+    assert results["variants"]["default"]["delta_vs_default"]["clean_acc"] == 0
+    assert results["variants"]["no_kl"]["recipe"]["kl_weight"] == 0
+    assert results["variants"]["consistency"]["recipe"]["consistency_weight"] > 0
+    assert results["default_recipe"]["kl_weight"] == 1.0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| variant | change | clean |" in table and "| no_kl | kl_weight=0.0 |" in table
+    assert "## What the table says about the defaults" in table
+    assert results["defaults_paragraph"] in table
+
+
+def _row(clean, robust4, seconds=10.0):
+    robust = {"1/255": robust4 + 0.1, "2/255": robust4 + 0.05, "4/255": robust4}
+    return {"clean_acc": clean, "robust_acc": robust, "train_seconds": seconds, "eval_samples": 300}
+
+
+def test_the_defaults_paragraph_follows_the_numbers():
+    ablation = _load("ablation")
+    rows = {
+        "default": _row(0.80, 0.40),
+        "lora": _row(0.82, 0.05, 5.0),
+        "no_kl": _row(0.81, 0.30),
+        "kl_weight_3": _row(0.70, 0.60),  # more robust, but 12 clean points below LoRA: not eligible
+        "attack_steps_2": _row(0.80, 0.52, 15.0),  # the best eligible one, beyond the noise
+    }
+    text = ablation.defaults_paragraph({"variants": rows})
+    assert "The best robust@4/255 among them is `attack_steps_2`" in text
+    assert "+12.0 points against the default (beyond the noise)" in text
+    assert "`no_kl` -10.0" in text and "costs robustness" in text
+    assert "should change towards `attack_steps_2`" in text
+
+    rows["attack_steps_2"] = _row(0.80, 0.41, 15.0)
+    text = ablation.defaults_paragraph({"variants": rows})
+    assert "the defaults stand" in text
