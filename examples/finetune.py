@@ -244,8 +244,7 @@ def table(metrics: dict) -> str:
 def run(args: FinetuneArguments) -> dict:
     from ran_peft import PixelBox
     from ran_peft.data import ImageTextCollator, tokenize_class_prompts
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter, lora_equivalent, train_adapter
-    from ran_peft.hub import push_adapter, save_adapter
+    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
 
     config, epsilons = check_arguments(args)
     probe_args = TrainingArguments(
@@ -289,6 +288,44 @@ def run(args: FinetuneArguments) -> dict:
             model, evaluation, collator, pixel_box, settings, **measure
         )
 
+    return train_measure_and_save(
+        args,
+        model,
+        lambda: load_model_and_processor(args, probe_args)[0],
+        config,
+        train,
+        evaluation,
+        collator,
+        processor,
+        pixel_box,
+        settings,
+        metrics,
+        class_text_inputs=class_text_inputs,
+        distributed=distributed,
+    )
+
+
+def train_measure_and_save(
+    args,
+    model,
+    fresh_base,
+    config,
+    train,
+    evaluation,
+    collator,
+    processor,
+    pixel_box,
+    settings,
+    metrics,
+    *,
+    class_text_inputs,
+    distributed: bool = False,
+) -> dict:
+    """Train RAN (and LoRA with --compare-lora, on `fresh_base()`), measure both, save the adapter with its card."""
+    from ran_peft.experiments import evaluate_adapter, lora_equivalent, train_adapter
+    from ran_peft.hub import push_adapter, save_adapter
+
+    measure = {"class_text_inputs": class_text_inputs}
     output = Path(args.output_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=".ran-finetune-work-"))
     try:
@@ -298,9 +335,8 @@ def run(args: FinetuneArguments) -> dict:
         if not trainer.is_world_process_zero():
             return metrics
         if args.compare_lora and not distributed:
-            fresh_base = load_model_and_processor(args, probe_args)[0]
             _, lora_model, lora_seconds = train_adapter(
-                fresh_base,
+                fresh_base(),
                 lora_equivalent(config),
                 train,
                 collator,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import FinetuneArguments, UsageError, check_arguments, load_data, plot, table
+from finetune import FinetuneArguments, UsageError, check_arguments, load_data, train_measure_and_save
 from transformers import HfArgumentParser
 
 TINY_MODEL_NAME = "tiny-random-clip-v1"
@@ -127,8 +127,7 @@ def load_four_bit(source: str, four_bit: FourBitArguments):
 def run(four_bit: FourBitArguments, args: FinetuneArguments) -> dict:
     from ran_peft import PixelBox
     from ran_peft.data import ImageTextCollator, tokenize_class_prompts
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter, lora_equivalent, train_adapter
-    from ran_peft.hub import push_adapter, save_adapter
+    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
     from ran_peft.pretrain import build_default_model
 
     args.load_in_4bit = True
@@ -176,45 +175,20 @@ def run(four_bit: FourBitArguments, args: FinetuneArguments) -> dict:
         "quantization": f"4-bit nf4 (bitsandbytes), compute dtype {four_bit.compute_dtype}",
         "memory": memory,
     }
-    output = Path(args.output_dir)
-    work_dir = Path(tempfile.mkdtemp(prefix=".ran-finetune-4bit-work-"))
-    try:
-        trainer, ran_model, seconds = train_adapter(
-            model, config, train, collator, processor.image_processor, settings, work_dir, **measure
-        )
-        if not trainer.is_world_process_zero():
-            return metrics
-        if args.compare_lora:
-            fresh_base = load_four_bit(source, four_bit)[0]
-            _, lora_model, lora_seconds = train_adapter(
-                fresh_base,
-                lora_equivalent(config),
-                train,
-                collator,
-                processor.image_processor,
-                settings,
-                work_dir,
-                **measure,
-            )
-            metrics["runs"]["lora"] = evaluate_adapter(
-                lora_model, evaluation, collator, pixel_box, settings, **measure
-            )
-            metrics["runs"]["lora"]["train_seconds"] = lora_seconds
-        metrics["runs"]["ran"] = evaluate_adapter(
-            ran_model, evaluation, collator, pixel_box, settings, **measure
-        )
-        metrics["runs"]["ran"]["train_seconds"] = seconds
-        metrics["attack"] = metrics["runs"]["ran"]["attack"]
-        metrics["train_log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
-        save_adapter(ran_model, output, metrics=metrics, datasets=[args.dataset], overwrite=args.overwrite)
-        plot(metrics, output / "ran_metrics.png")
-        print(table(metrics))
-        print(f"adapter, model card, ran_metrics.json and ran_metrics.png in {output}")
-        if args.push_to_hub:
-            print(push_adapter(output, args.hub_repo_id))
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return metrics
+    return train_measure_and_save(
+        args,
+        model,
+        lambda: load_four_bit(source, four_bit)[0],
+        config,
+        train,
+        evaluation,
+        collator,
+        processor,
+        pixel_box,
+        settings,
+        metrics,
+        class_text_inputs=class_text_inputs,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
