@@ -142,7 +142,8 @@ def ran_loss(
     parts: dict[str, torch.Tensor] = {}
 
     if epsilon == 0 and text_epsilon == 0:
-        clean = family.run(forward, inputs, pixel_values, want_features=wants_features, extra=extra)
+        want_features = wants_features or config.consistency_weight > 0
+        clean = family.run(forward, inputs, pixel_values, want_features=want_features, extra=extra)
         loss = clean.loss
         parts["clean"] = clean.loss.detach()
         for name, term in _feature_terms(config, clean.features).items():
@@ -150,8 +151,11 @@ def ran_loss(
             parts[name] = term.detach()
         if config.consistency_weight > 0:
             reference = _reference_features(model, family, forward, inputs, pixel_values)
-            adapted = family.run(forward, inputs, pixel_values, want_features=True).features
-            term = feature_consistency(adapted, reference)
+            if clean.features is None:
+                raise ValueError("this model exposes no image features, so consistency_weight must be 0.")
+            term = feature_consistency(
+                clean.features, reference
+            )  # no perturbation: the clean pass's features
             loss = loss + share * config.consistency_weight * term
             parts["consistency"] = term.detach()
         return RANOutput(
