@@ -75,6 +75,10 @@ VARIANTS: dict[str, Variant] = {
     "attack_steps_2": Variant("setting", {"attack_steps": 2}),
     "adversarial_weight_1": Variant("setting", {"adversarial_weight": 1.0}),
     "kl_weight_3": Variant("setting", {"kl_weight": 3.0}),
+    "kl_weight_0.3": Variant("setting", {"kl_weight": 0.3}),
+    "adversarial_weight_0.25": Variant("setting", {"adversarial_weight": 0.25}),
+    "epsilon_2": Variant("setting", {"epsilon": 2 / 255}),
+    "warmup_50": Variant("setting", {"noise_warmup_steps": 50}),
 }
 
 

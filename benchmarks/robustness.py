@@ -76,7 +76,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="folder of a CLIP-style model (default: the embedded offline model)"
     )
     parser.add_argument(
-        "--task", default="finding", help="synthetic task: finding, modality, anatomy, laterality"
+        "--task",
+        default="anatomy",
+        help="synthetic task: anatomy (default), modality, finding (hard), laterality (hard)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help=f"optimiser steps (default {DEFAULTS['steps']})"

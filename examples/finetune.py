@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,12 @@ class FinetuneArguments:
         default="synthetic",
         metadata={
             "help": "'synthetic' (built-in, offline), a Hub dataset id, an image folder or a DICOM folder."
+        },
+    )
+    task: str = field(
+        default="anatomy",
+        metadata={
+            "help": "Label of the synthetic data: anatomy (default), modality, finding (hard) or laterality (hard)."
         },
     )
     output_dir: str = field(
@@ -105,7 +112,10 @@ def parse_fraction(text: str) -> float:
 def check_arguments(args: FinetuneArguments):
     """Validate everything that can be checked before loading anything; returns the RANConfig."""
     from ran_peft import RANConfig
+    from ran_peft.data import SYNTHETIC_TASKS
 
+    if args.task not in SYNTHETIC_TASKS:
+        raise UsageError(f"--task={args.task!r} must be one of {', '.join(SYNTHETIC_TASKS)}.")
     if args.max_steps < 1:
         raise UsageError(f"--max-steps={args.max_steps} must be >= 1.")
     if args.batch_size < 1:
@@ -122,7 +132,7 @@ def check_arguments(args: FinetuneArguments):
         raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
     if args.push_to_hub and not args.hub_repo_id:
         raise UsageError("--push-to-hub needs --hub-repo-id owner/name.")
-    if args.model is not None and not os.path.isdir(args.model) and not _looks_like_hub_id(args.model):
+    if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
         raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
     output = Path(args.output_dir)
     if (output / "adapter_config.json").exists() and not args.overwrite:
@@ -150,7 +160,7 @@ def check_arguments(args: FinetuneArguments):
     return config, epsilons
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return 1 <= len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
 
@@ -190,10 +200,12 @@ def load_model_and_processor(args: FinetuneArguments, training_args: TrainingArg
 def load_data(args: FinetuneArguments):
     from ran_peft.data import load_dataset_any, synthetic_medical_dataset
 
-    if args.dataset.startswith("synthetic"):
-        train = synthetic_medical_dataset(args.train_size, seed=args.seed, image_size=64, task="finding")
+    if args.dataset == "synthetic":
+        train = synthetic_medical_dataset(
+            args.train_size, seed=args.seed, image_size=64, task=args.task, split_name="train"
+        )
         evaluation = synthetic_medical_dataset(
-            args.eval_size, seed=args.seed + 1, image_size=64, task="finding"
+            args.eval_size, seed=args.seed, image_size=64, task=args.task, split_name="test"
         )
         return train, evaluation
     try:
@@ -366,16 +378,17 @@ def train_measure_and_save(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser(FinetuneArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+def report_errors(job: Callable[[], object]) -> int:
+    """Run `job`; a bad argument or a failure ends as one `error:` line (the traceback with RAN_PEFT_DEBUG=1).
+
+    Exit status: 0 done, 2 bad argument (`UsageError`), 1 anything else.
+    """
     try:
-        run(args)
+        job()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # one clear line; the traceback only with RAN_PEFT_DEBUG=1
+    except Exception as error:
         if os.environ.get("RAN_PEFT_DEBUG"):
             raise
         print(
@@ -384,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(FinetuneArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

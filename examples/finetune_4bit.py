@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import FinetuneArguments, UsageError, check_arguments, load_data, train_measure_and_save
+from finetune import (
+    FinetuneArguments,
+    UsageError,
+    check_arguments,
+    load_data,
+    report_errors,
+    train_measure_and_save,
+)
 from transformers import HfArgumentParser
 
 TINY_MODEL_NAME = "tiny-random-clip-v1"
@@ -195,20 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser((FourBitArguments, FinetuneArguments))
     four_bit, args = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        run(four_bit, args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # one clear line; the traceback only with RAN_PEFT_DEBUG=1
-        if os.environ.get("RAN_PEFT_DEBUG"):
-            raise
-        print(
-            f"error: {type(error).__name__}: {error} (set RAN_PEFT_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report_errors(lambda: run(four_bit, args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from finetune import UsageError, looks_like_hub_id, report_errors  # the sibling script's CLI helpers
 from transformers import HfArgumentParser
 
 logger = logging.getLogger("ran_peft.finetune_llava")
@@ -40,7 +40,6 @@ SYNTHETIC_QUESTIONS = {
     "Which organ is shown?": "anatomy",
     "What is the finding?": "finding",
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 @dataclass
@@ -120,10 +119,6 @@ class LlavaFinetuneArguments:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
-class UsageError(ValueError):
-    """A bad argument: reported as one line, before anything is written."""
-
-
 def check_arguments(args: LlavaFinetuneArguments):
     """Validate everything that can be checked before loading anything; returns the RANConfig and the budgets."""
     from ran_peft import RANConfig
@@ -131,8 +126,7 @@ def check_arguments(args: LlavaFinetuneArguments):
 
     if args.tiny == (args.model is not None):
         raise UsageError("pass exactly one of --model (a Hub id or folder) and --tiny.")
-    looks_like_hub_id = args.model is not None and _HUB_ID.fullmatch(args.model) and ".." not in args.model
-    if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id:
+    if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
         raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
     for name in (
         "max_steps",
@@ -457,20 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser(LlavaFinetuneArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        run(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # one clear line; the traceback only with RAN_PEFT_DEBUG=1
-        if os.environ.get("RAN_PEFT_DEBUG"):
-            raise
-        print(
-            f"error: {type(error).__name__}: {error} (set RAN_PEFT_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

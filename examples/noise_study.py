@@ -10,9 +10,9 @@ For each noise ratio (default 0, 5, 10, 20, 30, 50 %):
 2. upstream model: a small CLIP pre-trained contrastively from scratch on the noisy data (same steps and seed for
    every ratio, so the noise is the only difference);
 3. downstream: LoRA and RAN adapters (the default `RANConfig`; LoRA is `lora_equivalent` of it) fine-tuned on the
-   main task (`--task`, default "finding") and measured clean and under PGD (`--eval-attack-steps`, default 10,
+   main task (`--task`, default "anatomy") and measured clean and under PGD (`--eval-attack-steps`, default 10,
    at least as strong as RAN's one-step training attack) at each `--eval-epsilons` budget;
-4. transfer to a second task (`--transfer-task`, default "laterality"): a linear probe (multinomial logistic
+4. transfer to a second task (`--transfer-task`, default "modality"): a linear probe (multinomial logistic
    regression) on the frozen, L2-normalised image embeddings, for the upstream model and for the LoRA and RAN
    fine-tuned models. A probe is cheap (forward passes and a tiny convex fit, no fine-tuning) and measures what the
    paper's "transferability" is about: how much of a new task the learned features already hold.
@@ -68,8 +68,8 @@ class StudySettings:
     upstream_size: int = 1024
     pretrain_steps: int = 120
     pretrain_batch_size: int = 64
-    task: str = "finding"
-    transfer_task: str = "laterality"
+    task: str = "anatomy"
+    transfer_task: str = "modality"
     train_size: int = 512
     eval_size: int = 160
     finetune_steps: int = 40

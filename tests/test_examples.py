@@ -91,6 +91,7 @@ def test_finetune_runs_offline_and_writes_an_adapter_stock_peft_loads(tmp_path, 
         (["--model", "{tiny}", "--dataset", "{textonly}"], "image_column='image'"),
         (["--push-to-hub"], "--push-to-hub needs --hub-repo-id"),
         (["--max-steps", "0"], "--max-steps=0"),
+        (["--task", "tumour"], "--task='tumour' must be one of finding, modality"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line_and_write_nothing(tmp_path, tiny_clip_dir, args, message):
