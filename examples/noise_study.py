@@ -168,60 +168,6 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = round(time.perf_counter() - start, 3)
 
 
-def _embedding_tensor(output: Any) -> torch.Tensor:
-    # transformers 5 returns a ModelOutput from get_image_features, earlier versions a tensor.
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("image_embeds", "pooler_output"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"get_image_features returned {type(output).__name__} without an embedding tensor.")
-
-
-@torch.no_grad()
-def image_features(model: torch.nn.Module, dataset: Any, collator: Any, batch_size: int = 64) -> torch.Tensor:
-    """L2-normalised image embeddings of every row (the adapter, if any, active), in eval mode."""
-    was_training = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    chunks = [_embedding_tensor(model.get_image_features(pixel_values=b["pixel_values"])) for b in loader]
-    model.train(was_training)
-    return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
-
-
-def linear_probe_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    eval_features: torch.Tensor,
-    eval_labels: torch.Tensor,
-    *,
-    weight_decay: float = 1e-3,
-    iterations: int = 200,
-) -> float:
-    """Accuracy of a multinomial logistic regression fit on frozen features (L-BFGS, deterministic)."""
-    mean = train_features.mean(0, keepdim=True)
-    scale = train_features.std(0, keepdim=True).clamp_min(1e-6)
-    x_train, x_eval = (train_features - mean) / scale, (eval_features - mean) / scale
-    classes = int(max(train_labels.max(), eval_labels.max())) + 1
-    linear = torch.nn.Linear(x_train.shape[1], classes)
-    torch.nn.init.zeros_(linear.weight)
-    torch.nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x_train), train_labels)
-        loss = loss + weight_decay * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        return float(linear(x_eval).argmax(-1).eq(eval_labels).float().mean())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +181,7 @@ def run_study(
 
     from ran_peft import PixelBox, RANConfig
     from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts
+    from ran_peft.evaluation import image_features, linear_probe_accuracy
     from ran_peft.experiments import ExperimentSettings, evaluate_adapter, lora_equivalent, train_adapter
     from ran_peft.noise import SurrogateVLM, add_adversarial_noise
     from ran_peft.pretrain import offline_processor, pretrain_clip
@@ -330,11 +277,13 @@ def run_study(
         )
 
         def transfer_accuracy(model: torch.nn.Module) -> float:
+            def features(rows: Any) -> torch.Tensor:
+                return image_features(
+                    model, torch.utils.data.DataLoader(rows, batch_size=64, collate_fn=collator)
+                )
+
             return linear_probe_accuracy(
-                image_features(model, transfer_train, collator),
-                transfer_labels[0],
-                image_features(model, transfer_eval, collator),
-                transfer_labels[1],
+                features(transfer_train), transfer_labels[0], features(transfer_eval), transfer_labels[1]
             )
 
         pretrain = dict(

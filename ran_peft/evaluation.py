@@ -657,6 +657,58 @@ def zero_shot_accuracy(
     return right / total
 
 
+@torch.no_grad()
+def image_features(model: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
+    """L2-normalised image embeddings of a dual encoder (the adapter, if any, active) for every batch, in eval mode."""
+    _require_dual_encoder(model, "image_features")
+    device = _model_device(model)
+    with _evaluation_mode(model):
+        chunks = [_image_embeddings(model, batch["pixel_values"].to(device)) for batch in batches]
+    if not chunks:
+        raise ValueError("image_features got no batches.")
+    return torch.cat(chunks).cpu()
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_features: torch.Tensor,
+    eval_labels: torch.Tensor,
+    *,
+    weight_decay: float = 1e-3,
+    iterations: int = 200,
+) -> float:
+    """Accuracy of a multinomial logistic regression fit on frozen features (L-BFGS from zeros: deterministic).
+
+    How much of a task the features already hold: the "transfer" measure of the noise study, and the difficulty
+    of a task for a given backbone.
+    """
+    if len(train_features) != len(train_labels) or len(eval_features) != len(eval_labels):
+        raise ValueError(
+            f"features and labels must pair up: train {len(train_features)} vs {len(train_labels)}, "
+            f"eval {len(eval_features)} vs {len(eval_labels)}."
+        )
+    mean = train_features.mean(0, keepdim=True)
+    scale = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    x_train, x_eval = (train_features - mean) / scale, (eval_features - mean) / scale
+    classes = int(max(train_labels.max(), eval_labels.max())) + 1
+    linear = nn.Linear(x_train.shape[1], classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x_train), train_labels) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float(linear(x_eval).argmax(-1).eq(eval_labels).float().mean())
+
+
 def retrieval_recall_at_k(
     model: nn.Module, batches: Iterable[Batch], ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:

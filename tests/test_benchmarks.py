@@ -142,3 +142,19 @@ def test_the_defaults_paragraph_follows_the_numbers():
     rows["attack_steps_2"] = _row(0.80, 0.41, 15.0)
     text = ablation.defaults_paragraph({"variants": rows})
     assert "the defaults stand" in text
+
+
+def test_task_difficulty_reports_chance_zero_shot_and_probe_for_every_task(tmp_path, tiny_clip_dir):
+    from ran_peft.data import SYNTHETIC_TASKS
+
+    out = tmp_path / "difficulty.json"
+    args = ["--out", str(out), "--model", str(tiny_clip_dir), "--train-size", "30", "--eval-size", "10"]
+    results = _load("task_difficulty").main(args)
+    assert json.loads(out.read_text()) == results
+    assert set(results["tasks"]) == set(SYNTHETIC_TASKS)
+    for task, row in results["tasks"].items():
+        assert row["chance"] == pytest.approx(1 / len(SYNTHETIC_TASKS[task]))
+        # 10 test rows: every accuracy is a whole number of rows out of 10
+        for key in ("zero_shot_acc", "linear_probe_acc"):
+            assert 0 <= row[key] <= 1 and round(10 * row[key], 6) == round(10 * row[key])
+    assert "| anatomy | 5 |" in out.with_suffix(".md").read_text()

@@ -18,6 +18,8 @@ from ran_peft.evaluation import (
     evaluate_robustness,
     format_epsilon,
     gradient_masking_checks,
+    image_features,
+    linear_probe_accuracy,
     parse_epsilon,
     prediction_correctness,
     retrieval_recall_at_k,
@@ -379,3 +381,31 @@ def test_retrieval_recall_over_the_whole_set(make):
 def test_dual_encoder_metrics_refuse_other_models(vit_case):
     with pytest.raises(ValueError, match="dual encoder"):
         retrieval_recall_at_k(vit_case.model, [vit_case.batch])
+
+
+def test_image_features_are_unit_norm_and_follow_the_batches():
+    case = tm.clip(batch=4, seed=0)
+    second = tm.clip(batch=4, seed=1).batch
+    features = image_features(case.model, [case.batch, second])
+    assert features.shape[0] == 8
+    assert torch.allclose(features.norm(dim=-1), torch.ones(8), atol=1e-5)
+    with torch.no_grad():
+        direct = case.model.eval().get_image_features(pixel_values=second["pixel_values"])
+    direct = getattr(direct, "pooler_output", direct)
+    assert torch.allclose(features[4:], F.normalize(direct, dim=-1), atol=1e-5)
+
+
+def test_linear_probe_separates_what_the_features_hold_and_not_what_they_miss():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    informative = torch.randn(300, 8, generator=generator) + 3.0 * F.one_hot(labels, 8)
+    noise_only = torch.randn(300, 8, generator=generator)
+    train, held_out = slice(0, 200), slice(200, 300)
+    assert (
+        linear_probe_accuracy(informative[train], labels[train], informative[held_out], labels[held_out])
+        > 0.9
+    )
+    chance = linear_probe_accuracy(noise_only[train], labels[train], noise_only[held_out], labels[held_out])
+    assert chance < 0.55  # 3 classes: chance is 1/3
+    with pytest.raises(ValueError, match="pair up"):
+        linear_probe_accuracy(informative[train], labels[:10], informative[held_out], labels[held_out])
