@@ -1,16 +1,9 @@
 """Tests for the PGD kernels: Triton (interpreted on CPU) against the reference, and the properties
 an attack relies on (budget ball, pixel box, sign(0), L2 projection, backend choice)."""
 
-import os
-
-# Must precede the first import of triton: triton builds tl.sum/tl.rand for the interpreter at import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import subprocess
-import sys
-
 import pytest
 import torch
+from kernel_support import needs_triton, only_when_triton_runs_elsewhere, run_triton_tests_in_fresh_process
 from ran_peft.kernels import (
     kernel_backend,
     pgd_random_start,
@@ -19,17 +12,6 @@ from ran_peft.kernels import (
     pgd_step,
     pgd_step_reference,
     pgd_step_triton,
-)
-from ran_peft.kernels.dispatch import triton_available, triton_interpreter_ready
-
-_CHILD = "RAN_PEFT_KERNEL_TEST_CHILD"
-INTERPRETED = triton_interpreter_ready()
-if os.environ.get(_CHILD) and not INTERPRETED:
-    raise RuntimeError("fresh test process, yet triton is not running interpreted")
-needs_triton = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="triton was imported before TRITON_INTERPRET=1 in this process; "
-    "test_kernels_pgd_triton_in_fresh_process runs these",
 )
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
@@ -269,17 +251,7 @@ def test_kernel_dispatcher_forced_triton_on_cpu(monkeypatch):
         torch.testing.assert_close(got_t, want_t, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not triton_available() or bool(os.environ.get(_CHILD)),
-    reason="the Triton tests already run in this process",
-)
+@only_when_triton_runs_elsewhere
 def test_kernels_pgd_triton_in_fresh_process():
-    """Another module imported triton before TRITON_INTERPRET=1 was set, so the Triton tests of this
-    module run in a fresh interpreter where triton is imported in interpreter mode."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-    env.pop("RAN_PEFT_KERNELS", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__]
-    command += ["-k", "triton and not fresh_process"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-3000:]
+    """Another module imported triton before TRITON_INTERPRET=1 was set: run this module's Triton tests afresh."""
+    run_triton_tests_in_fresh_process(__file__)

@@ -62,7 +62,7 @@ def test_micro_study_writes_report_plot_and_exact_noise_share(tmp_path):
             assert all(0 <= value <= run["clean_accuracy"] for value in run["robust_accuracy"].values())
             assert run["attack"]["steps"] == 2 and run["num_samples"] == settings.eval_size
         transfer = entry["transfer"]
-        assert transfer["task"] == "laterality"
+        assert transfer["task"] == "modality"
         assert all(0 <= transfer[name] <= 1 for name in ("upstream", "lora", "ran"))
     assert report["results"][1]["noisy_rows"] == 8  # round(0.25 * 30) = round(7.5) = 8
     timings = report["timings_seconds"]
