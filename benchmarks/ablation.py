@@ -55,7 +55,12 @@ class Variant:
     def change(self) -> str:
         if self.lora:
             return "every RAN term off (epsilon 0, all weights 0)"
-        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "RANConfig defaults"
+        from ran_peft.evaluation import format_epsilon
+
+        def shown(key: str, value: Any) -> str:
+            return format_epsilon(value) if key.endswith("epsilon") and value else str(value)
+
+        return ", ".join(f"{k}={shown(k, v)}" for k, v in self.overrides.items()) or "RANConfig defaults"
 
 
 VARIANTS: dict[str, Variant] = {

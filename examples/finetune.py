@@ -72,7 +72,7 @@ class FinetuneArguments:
     consistency_weight: float = field(default=0.0, metadata={"help": "RAN feature-consistency weight."})
     covariance_weight: float = field(default=0.0, metadata={"help": "RAN covariance (decorrelation) weight."})
     spectrum_weight: float = field(default=0.0, metadata={"help": "RAN spectrum weight."})
-    noise_warmup_steps: int = field(default=20, metadata={"help": "Steps over which epsilon and kl ramp up."})
+    noise_warmup_steps: int = field(default=0, metadata={"help": "Steps over which epsilon and kl ramp up."})
     free_start: bool = field(
         default=True, metadata={"help": "First attack step from the clean pass's gradient."}
     )

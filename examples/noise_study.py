@@ -23,7 +23,7 @@ summary table and a finding computed from the numbers. Nothing is cached: scratc
 numbers say nothing about real medical VLMs.
 
     python examples/noise_study.py --quick          # about 1.5 minutes
-    python examples/noise_study.py                  # about 15 minutes (estimated) on a busy 2-core machine
+    python examples/noise_study.py                  # 8 minutes measured on a 2-core machine running another job
     python examples/noise_study.py --ratios 0,0.1,0.5 --out runs/noise.json
 
 It runs on one thread (`--threads`): on a shared machine two threads spin-waiting for each other are several times

@@ -166,3 +166,31 @@ def test_default_model_is_built_once_and_then_reused(tmp_path, monkeypatch):
     again = pretrain.build_default_model(tmp_path / "model", upstream_size=16, steps=1, progress=False)
     assert again == folder and len(calls) == 1
     assert not list(tmp_path.glob(".model.*"))
+
+
+def test_finetune_recipe_defaults_are_ran_configs_defaults():
+    # The ablation backs RANConfig's defaults; the script must not quietly train another recipe.
+    import dataclasses
+    import importlib.util
+
+    from ran_peft import RANConfig
+
+    spec = importlib.util.spec_from_file_location("ran_peft_example_finetune", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    script = {f.name: f.default for f in dataclasses.fields(module.FinetuneArguments)}
+    config = RANConfig()
+    recipe = [
+        "epsilon",
+        "attack_steps",
+        "adversarial_weight",
+        "kl_weight",
+        "consistency_weight",
+        "covariance_weight",
+        "spectrum_weight",
+        "noise_warmup_steps",
+        "free_start",
+        "text_epsilon",
+    ]
+    assert {name: script[name] for name in recipe} == {name: getattr(config, name) for name in recipe}
