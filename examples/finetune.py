@@ -101,17 +101,62 @@ class UsageError(ValueError):
     """A bad argument: reported as one line, before anything is written."""
 
 
-def parse_fraction(text: str) -> float:
-    text = text.strip()
-    if "/" in text:
-        numerator, denominator = text.split("/", 1)
-        return float(numerator) / float(denominator)
-    return float(text)
+# The RANConfig fields a fine-tuning script may expose as options of the same name.
+RECIPE_OPTIONS = (
+    "epsilon",
+    "attack_steps",
+    "adversarial_weight",
+    "kl_weight",
+    "consistency_weight",
+    "covariance_weight",
+    "spectrum_weight",
+    "noise_warmup_steps",
+    "free_start",
+    "text_epsilon",
+)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """`--eval-epsilons`: comma-separated attack budgets in (0, 1], as numbers or `k/255`."""
+    from ran_peft.evaluation import parse_epsilon
+
+    try:
+        budgets = [parse_epsilon(value) for value in text.split(",") if value.strip()]
+    except ValueError as error:
+        raise UsageError(f"--eval-epsilons={text!r}: {error}") from error
+    if not budgets or any(not 0 < value <= 1 for value in budgets):
+        raise UsageError(f"--eval-epsilons={text!r}: every budget must be in (0, 1].")
+    return budgets
+
+
+def check_output_and_quantisation(args) -> None:
+    """4-bit needs bitsandbytes; an adapter already in --output-dir is replaced only with --overwrite."""
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
+    if (Path(args.output_dir) / "adapter_config.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"--output-dir={args.output_dir} already holds an adapter; pass --overwrite or another folder."
+        )
+
+
+def ran_config_from_arguments(args):
+    """The RANConfig of the script's LoRA and recipe options (those it has of `RECIPE_OPTIONS`)."""
+    from ran_peft import RANConfig
+
+    recipe = {name: getattr(args, name) for name in RECIPE_OPTIONS if hasattr(args, name)}
+    try:
+        return RANConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
+            **recipe,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def check_arguments(args: FinetuneArguments):
-    """Validate everything that can be checked before loading anything; returns the RANConfig."""
-    from ran_peft import RANConfig
+    """Validate everything that can be checked before loading anything; returns the RANConfig and the budgets."""
     from ran_peft.data import SYNTHETIC_TASKS
 
     if args.task not in SYNTHETIC_TASKS:
@@ -120,44 +165,13 @@ def check_arguments(args: FinetuneArguments):
         raise UsageError(f"--max-steps={args.max_steps} must be >= 1.")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size={args.batch_size} must be >= 1.")
-    try:
-        epsilons = [parse_fraction(value) for value in args.eval_epsilons.split(",") if value.strip()]
-    except ValueError as error:
-        raise UsageError(
-            f"--eval-epsilons={args.eval_epsilons!r} must be numbers like 1/255,4/255."
-        ) from error
-    if not epsilons or any(not 0 < value <= 1 for value in epsilons):
-        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: every budget must be in (0, 1].")
-    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
+    epsilons = parse_budgets(args.eval_epsilons)
     if args.push_to_hub and not args.hub_repo_id:
         raise UsageError("--push-to-hub needs --hub-repo-id owner/name.")
     if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
         raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
-    output = Path(args.output_dir)
-    if (output / "adapter_config.json").exists() and not args.overwrite:
-        raise UsageError(
-            f"--output-dir={args.output_dir} already holds an adapter; pass --overwrite or another folder."
-        )
-    try:
-        config = RANConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
-            epsilon=args.epsilon,
-            attack_steps=args.attack_steps,
-            adversarial_weight=args.adversarial_weight,
-            kl_weight=args.kl_weight,
-            consistency_weight=args.consistency_weight,
-            covariance_weight=args.covariance_weight,
-            spectrum_weight=args.spectrum_weight,
-            noise_warmup_steps=args.noise_warmup_steps,
-            free_start=args.free_start,
-            text_epsilon=args.text_epsilon,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    return config, epsilons
+    check_output_and_quantisation(args)
+    return ran_config_from_arguments(args), epsilons
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -253,17 +267,16 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: FinetuneArguments) -> dict:
+def classification_setup(args, processor, train, config, source: str, epsilons: list[float]):
+    """What training and measuring a dual encoder as a prompt classifier needs, from the script's options.
+
+    Returns the class prompts (tokenised), the collator, the pixel box and the experiment settings; records the
+    pixel mean/std and the base model in `config`.
+    """
     from ran_peft import PixelBox
     from ran_peft.data import ImageTextCollator, tokenize_class_prompts
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
+    from ran_peft.experiments import ExperimentSettings
 
-    config, epsilons = check_arguments(args)
-    probe_args = TrainingArguments(
-        output_dir=tempfile.gettempdir(), report_to=[], use_cpu=not torch.cuda.is_available()
-    )
-    model, processor, source = load_model_and_processor(args, probe_args)
-    train, evaluation = load_data(args)
     label_feature = train.features["label"]
     if not hasattr(label_feature, "names"):
         raise UsageError(
@@ -285,6 +298,21 @@ def run(args: FinetuneArguments) -> dict:
         eval_attack_steps=args.eval_attack_steps,
         eval_restarts=args.eval_restarts,
         progress=args.progress,
+    )
+    return class_text_inputs, collator, pixel_box, settings
+
+
+def run(args: FinetuneArguments) -> dict:
+    from ran_peft.experiments import evaluate_adapter
+
+    config, epsilons = check_arguments(args)
+    probe_args = TrainingArguments(
+        output_dir=tempfile.gettempdir(), report_to=[], use_cpu=not torch.cuda.is_available()
+    )
+    model, processor, source = load_model_and_processor(args, probe_args)
+    train, evaluation = load_data(args)
+    class_text_inputs, collator, pixel_box, settings = classification_setup(
+        args, processor, train, config, source, epsilons
     )
     measure = dict(class_text_inputs=class_text_inputs)
 

@@ -15,10 +15,7 @@ It leaves in `--output-dir`: the adapter (loads in stock PEFT on the full-precis
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from finetune import (
     FinetuneArguments,
     UsageError,
     check_arguments,
+    classification_setup,
     load_data,
     report_errors,
     train_measure_and_save,
@@ -65,26 +63,15 @@ def build_tiny_clip() -> Path:
     """A tiny random CLIP with the offline word tokenizer, built once into the cache."""
     from transformers import CLIPModel
 
-    from ran_peft.pretrain import cache_root, offline_processor, small_clip_config
+    from ran_peft.pretrain import cache_root, is_built, offline_processor, save_built_model, small_clip_config
 
     folder = cache_root() / TINY_MODEL_NAME
-    if (folder / "model.safetensors").is_file() and (folder / "preprocessor_config.json").is_file():
+    if is_built(folder):
         return folder
     processor = offline_processor(image_size=32)
     torch.manual_seed(0)
     model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=64))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        processor.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return save_built_model(folder, model, processor, {"model": TINY_MODEL_NAME, "seed": 0})
 
 
 def fp32_footprint(source: str) -> int:
@@ -132,9 +119,7 @@ def load_four_bit(source: str, four_bit: FourBitArguments):
 
 
 def run(four_bit: FourBitArguments, args: FinetuneArguments) -> dict:
-    from ran_peft import PixelBox
-    from ran_peft.data import ImageTextCollator, tokenize_class_prompts
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
+    from ran_peft.experiments import evaluate_adapter
     from ran_peft.pretrain import build_default_model
 
     args.load_in_4bit = True
@@ -157,22 +142,8 @@ def run(four_bit: FourBitArguments, args: FinetuneArguments) -> dict:
     )
 
     train, evaluation = load_data(args)
-    class_text_inputs = tokenize_class_prompts(
-        processor.tokenizer, train.features["label"].names, template=args.prompt_template
-    )
-    collator = ImageTextCollator(processor.image_processor, processor.tokenizer, mode="classification")
-    pixel_box = PixelBox.from_processor(processor)
-    config.image_mean, config.image_std = list(pixel_box.mean), list(pixel_box.std)
-    config.base_model_name_or_path = source
-    settings = ExperimentSettings(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        eval_epsilons=tuple(epsilons),
-        eval_attack_steps=args.eval_attack_steps,
-        eval_restarts=args.eval_restarts,
-        progress=args.progress,
+    class_text_inputs, collator, pixel_box, settings = classification_setup(
+        args, processor, train, config, source, epsilons
     )
     measure: dict[str, Any] = dict(class_text_inputs=class_text_inputs)
     metrics: dict[str, Any] = {

@@ -15,7 +15,6 @@ It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -26,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import UsageError, looks_like_hub_id, report_errors  # the sibling script's CLI helpers
+from finetune import (  # the sibling script's CLI helpers
+    UsageError,
+    check_output_and_quantisation,
+    looks_like_hub_id,
+    parse_budgets,
+    ran_config_from_arguments,
+    report_errors,
+)
 from transformers import HfArgumentParser
 
 logger = logging.getLogger("ran_peft.finetune_llava")
@@ -121,9 +127,6 @@ class LlavaFinetuneArguments:
 
 def check_arguments(args: LlavaFinetuneArguments):
     """Validate everything that can be checked before loading anything; returns the RANConfig and the budgets."""
-    from ran_peft import RANConfig
-    from ran_peft.evaluation import parse_epsilon
-
     if args.tiny == (args.model is not None):
         raise UsageError("pass exactly one of --model (a Hub id or folder) and --tiny.")
     if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
@@ -138,34 +141,9 @@ def check_arguments(args: LlavaFinetuneArguments):
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
-    try:
-        epsilons = [parse_epsilon(value) for value in args.eval_epsilons.split(",") if value.strip()]
-    except ValueError as error:
-        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: {error}") from error
-    if not epsilons or any(not 0 < value <= 1 for value in epsilons):
-        raise UsageError(f"--eval-epsilons={args.eval_epsilons!r}: every budget must be in (0, 1].")
-    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes.")
-    if (Path(args.output_dir) / "adapter_config.json").exists() and not args.overwrite:
-        raise UsageError(
-            f"--output-dir={args.output_dir} already holds an adapter; pass --overwrite or another folder."
-        )
-    try:
-        config = RANConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            target_modules=[name.strip() for name in args.target_modules.split(",") if name.strip()],
-            epsilon=args.epsilon,
-            attack_steps=args.attack_steps,
-            adversarial_weight=args.adversarial_weight,
-            kl_weight=args.kl_weight,
-            consistency_weight=args.consistency_weight,
-            noise_warmup_steps=args.noise_warmup_steps,
-            free_start=args.free_start,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    return config, epsilons
+    epsilons = parse_budgets(args.eval_epsilons)
+    check_output_and_quantisation(args)
+    return ran_config_from_arguments(args), epsilons
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,11 +165,11 @@ def build_tiny_llava() -> Path:
         LlavaProcessor,
     )
 
-    from ran_peft.pretrain import IMAGE_MEAN, IMAGE_STD, cache_root
+    from ran_peft.pretrain import IMAGE_MEAN, IMAGE_STD, cache_root, is_built, save_built_model
     from ran_peft.text import build_word_tokenizer, synthetic_vocabulary
 
     folder = cache_root() / TINY_MODEL_NAME
-    if (folder / "model.safetensors").is_file() and (folder / "processor_config.json").is_file():
+    if is_built(folder):
         return folder
     image_size, patch_size = 32, 8
     tokenizer = build_word_tokenizer(
@@ -239,18 +217,7 @@ def build_tiny_llava() -> Path:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        processor.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return save_built_model(folder, model, processor, {"model": TINY_MODEL_NAME, "seed": 0})
 
 
 def load_model_and_processor(args: LlavaFinetuneArguments):

@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from ran_peft.evaluation import parse_epsilon
+
 logger = logging.getLogger("ran_peft.noise_study")
 
 METHODS = ("lora", "ran")
@@ -583,17 +585,9 @@ def plot(report: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_fraction(text: str) -> float:
-    text = text.strip()
-    if "/" in text:
-        numerator, denominator = text.split("/", 1)
-        return float(numerator) / float(denominator)
-    return float(text)
-
-
 def _fractions(text: str) -> tuple[float, ...]:
     try:
-        return tuple(parse_fraction(part) for part in text.split(",") if part.strip())
+        return tuple(parse_epsilon(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers.") from error
 
@@ -602,7 +596,7 @@ def _ratios(text: str) -> tuple[float, ...]:
     # Ratios may be given as fractions or percentages ("0,5%,10%").
     parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
-        return tuple(float(p[:-1]) / 100 if p.endswith("%") else parse_fraction(p) for p in parts)
+        return tuple(float(p[:-1]) / 100 if p.endswith("%") else parse_epsilon(p) for p in parts)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios.") from error
 
@@ -617,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", default=None, help="Scratch folder (default: a temporary one, removed)."
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
-    converters = {"ratios": _ratios, "eval_epsilons": _fractions, "noise_epsilon": parse_fraction}
+    converters = {"ratios": _ratios, "eval_epsilons": _fractions, "noise_epsilon": parse_epsilon}
     for item in fields(StudySettings):
         if item.name == "progress":
             continue

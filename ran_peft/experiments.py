@@ -54,32 +54,19 @@ def baseline_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RAN
 
     The baselines share the adapter, the budget and the warm-up of `config`; only the recipe differs.
     """
+    # Both baselines: a K-step attack without the free start, no feature terms.
+    k_step_attack = dict(
+        attack_steps=attack_steps,
+        step_size=None,
+        free_start=False,
+        consistency_weight=0.0,
+        covariance_weight=0.0,
+        spectrum_weight=0.0,
+    )
     return {
         "lora": lora_equivalent(config),
-        "pgd_at": replace(
-            config,
-            attack_steps=attack_steps,
-            step_size=None,
-            free_start=False,
-            adversarial_weight=1.0,
-            kl_weight=0.0,
-            attack_loss="task",
-            consistency_weight=0.0,
-            covariance_weight=0.0,
-            spectrum_weight=0.0,
-        ),
-        "trades": replace(
-            config,
-            attack_steps=attack_steps,
-            step_size=None,
-            free_start=False,
-            adversarial_weight=0.0,
-            kl_weight=6.0,
-            attack_loss="kl",
-            consistency_weight=0.0,
-            covariance_weight=0.0,
-            spectrum_weight=0.0,
-        ),
+        "pgd_at": replace(config, **k_step_attack, adversarial_weight=1.0, kl_weight=0.0, attack_loss="task"),
+        "trades": replace(config, **k_step_attack, adversarial_weight=0.0, kl_weight=6.0, attack_loss="kl"),
         "ran": config,
     }
 

@@ -134,18 +134,33 @@ def build_default_model(
     Returns its folder (model and processor, `from_pretrained`-ready). The folder appears whole or not at all.
     """
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / DEFAULT_MODEL_NAME
-    if (folder / BUILD_MARKER).is_file():
+    if is_built(folder):
         return folder
     processor = offline_processor()
     upstream = synthetic_medical_dataset(upstream_size, seed=seed + 1000, image_size=64, task="finding")
     model = pretrain_clip(upstream, processor, steps=steps, seed=seed, progress=progress)
+    settings = {"upstream_size": upstream_size, "steps": steps, "seed": seed}
+    return save_built_model(folder, model, processor, settings)
+
+
+def is_built(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a complete build by `save_built_model` (its marker is written last)."""
+    return (Path(folder) / BUILD_MARKER).is_file()
+
+
+def save_built_model(folder: str | os.PathLike, model, processor, build_info: dict) -> Path:
+    """Save `model` and `processor` (safetensors) into `folder` with a build marker holding `build_info`.
+
+    The folder appears whole or not at all: everything is written to a staging folder beside it, which then
+    replaces any incomplete earlier build (one without the marker).
+    """
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        settings = {"upstream_size": upstream_size, "steps": steps, "seed": seed}
-        (staging / BUILD_MARKER).write_text(json.dumps(settings, indent=2))
+        (staging / BUILD_MARKER).write_text(json.dumps(build_info, indent=2))
         if folder.exists():  # an incomplete earlier build (it has no marker): set it aside, then drop it
             stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
             os.replace(folder, stale)

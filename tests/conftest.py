@@ -19,3 +19,19 @@ torch.set_num_threads(1)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP (32 px, width 32) with the offline processor, saved as a folder scripts can load."""
+    from transformers import CLIPModel
+
+    from ran_peft.pretrain import offline_processor, small_clip_config
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    processor = offline_processor(image_size=32)
+    torch.manual_seed(0)
+    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=32))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder

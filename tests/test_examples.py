@@ -7,24 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import CLIPModel
-
-from ran_peft.pretrain import offline_processor, small_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "examples" / "finetune.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    processor = offline_processor(image_size=32)
-    torch.manual_seed(0)
-    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=32))
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def _run(args, tmp_path, timeout=600, launcher=None):
