@@ -15,6 +15,10 @@ It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (
 
 from __future__ import annotations
 
+import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-kernel notice out of non-4-bit runs)
+
+# isort: split
+
 import logging
 import os
 import shutil

@@ -32,6 +32,10 @@ slower than one; on free cores `--threads 2` is faster.
 
 from __future__ import annotations
 
+import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-kernel notice out of non-4-bit runs)
+
+# isort: split
+
 import argparse
 import contextlib
 import copy

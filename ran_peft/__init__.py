@@ -5,12 +5,19 @@
 
 __version__ = "0.1.0"
 
+# Before anything imports bitsandbytes (peft and transformers' Trainer do): its Hub-kernel notice is told only
+# where 4-bit layers are used (`ran_peft.quantization`).
+from ran_peft.quantization import quiet_bitsandbytes_import_notice
+
+quiet_bitsandbytes_import_notice()
+
 from ran_peft.attacks import (
     AttackBudget,
     AttackReport,
     AttackSkippedWarning,
     TextPerturbation,
     attack_mode,
+    deterministic_training_mode,
     pgd_perturb,
 )
 from ran_peft.callback import RANCallback, find_ran_config
@@ -102,6 +109,7 @@ __all__ = [
     "UnsupportedModelError",
     "add_adversarial_noise",
     "attack_mode",
+    "deterministic_training_mode",
     "covariance_offdiagonal",
     "detect_family",
     "feature_consistency",

@@ -215,16 +215,92 @@ def _skip(report: AttackReport, where: str) -> None:
     )
 
 
+# Attribute names under which modules keep a probability of a train-time random choice, for the layers that apply
+# it themselves when `self.training` (attention dropout inside `scaled_dot_product_attention`, LayerDrop, drop-path,
+# router jitter) rather than through an `nn.Dropout` child.
+_STOCHASTIC_ATTRIBUTE_MARKERS = ("drop", "jitter")
+_STOCHASTIC_CLASS_MARKERS = ("dropout", "droppath", "stochasticdepth")
+
+
+def is_stochastic_layer(module: nn.Module) -> bool:
+    """Whether `module` draws randomness in training mode: dropout-like layers, and layers holding a positive
+    drop/jitter probability that they apply themselves."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    if any(marker in type(module).__name__.lower() for marker in _STOCHASTIC_CLASS_MARKERS):
+        return True
+    return any(
+        isinstance(value, float)
+        and value > 0
+        and any(marker in name.lower() for marker in _STOCHASTIC_ATTRIBUTE_MARKERS)
+        for name, value in vars(module).items()
+    )
+
+
+def has_running_statistics(module: nn.Module) -> bool:
+    """Whether `module` normalises with batch statistics in training and keeps running ones (BatchNorm & co)."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.track_running_stats
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor)
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout and other train-time randomness off, and no parameter gradient kept, for the attack's passes.
+    """The deterministic model for the attack's passes: stochastic layers off and normalisation statistics neither
+    taken from the batch nor updated (running statistics used).
 
-    Every module's own `training` flag is restored afterwards (frozen parts kept in eval stay so).
+    Only those layers are switched, one module at a time (never `model.eval()`): every other module keeps its mode,
+    because some library layers change more than their randomness in eval (bitsandbytes' 4-bit linear, on a CPU
+    with AVX512-BF16, repacks its weight in place for inference when it sees eval mode and an input without
+    gradient, and the next training pass would read the packed weight as the plain one). Flags are restored after.
     """
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
+    switched = [
+        module
+        for module in model.modules()
+        if module.training and (is_stochastic_layer(module) or has_running_statistics(module))
+    ]
+    for module in switched:
+        module.training = False
     try:
         yield
+    finally:
+        for module in switched:
+            module.training = True
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm-style layers in training mode normalise with the batch's own statistics but fold nothing into
+    their running statistics (nor count the batch); restored afterwards."""
+    frozen = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+    ]
+    for module in frozen:
+        module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module in frozen:
+            module.track_running_stats = True
+
+
+@contextlib.contextmanager
+def deterministic_training_mode(model: nn.Module) -> Iterator[None]:
+    """Training mode for every module, then `attack_mode`'s switches: for attacks on a model that is in eval mode
+    (evaluation, noise crafting).
+
+    An attack needs input gradients through every layer, and some library layers take an inference-only path in
+    eval mode that carries none (bitsandbytes' packed 4-bit CPU weights). Training mode minus randomness and batch
+    statistics is the same function without that path. Every module's flag is restored afterwards.
+    """
+    was_training = [(module, module.training) for module in model.modules()]
+    for module, _ in was_training:
+        module.training = True
+    try:
+        with attack_mode(model):
+            yield
     finally:
         for module, training in was_training:
             module.training = training

@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from ran_peft.config import RANConfig
 from ran_peft.pixels import PixelBox
+from ran_peft.quantization import explain_four_bit_cpu_path
 from ran_peft.training import RANTrainingWrapper, resolve_pixel_box
 
 
@@ -67,6 +68,7 @@ class RANCallback(TrainerCallback):
                 "`RANCallback(config=RANConfig(...))`."
             )
         box = self.pixel_box or resolve_pixel_box(config, processing_class)
+        explain_four_bit_cpu_path(model)
         self.wrapper = RANTrainingWrapper(model, config, box, self.class_text_inputs)
         self.wrapper.step = state.global_step
 

@@ -112,6 +112,16 @@ class RANConfig(LoraConfig):
     text_step_size: float | None = field(
         default=None, metadata={"help": "Text attack step; None uses the same rule as `step_size`."}
     )
+    adversarial_batch_statistics: Literal["batch_only", "update_running"] = field(
+        default="batch_only",
+        metadata={
+            "help": "What the adversarial training pass does with BatchNorm-style layers (training mode): "
+            "'batch_only' normalises with the adversarial batch's own statistics and leaves the running "
+            "statistics to the clean pass (what inference uses describes clean data); 'update_running' also "
+            "folds the adversarial batch into the running statistics. The attack's own passes always use the "
+            "running statistics and update nothing. Chosen by `benchmarks/batchnorm_statistics.py`."
+        },
+    )
     image_mean: list[float] | None = field(
         default=None,
         metadata={
@@ -151,6 +161,12 @@ class RANConfig(LoraConfig):
             _fail("attack_norm", self.attack_norm, "'linf' or 'l2'")
         if self.attack_loss not in ("task", "kl"):
             _fail("attack_loss", self.attack_loss, "'task' or 'kl'")
+        if self.adversarial_batch_statistics not in ("batch_only", "update_running"):
+            _fail(
+                "adversarial_batch_statistics",
+                self.adversarial_batch_statistics,
+                "'batch_only' or 'update_running'",
+            )
         for name in ("random_start", "free_start"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")

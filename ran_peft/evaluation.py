@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ran_peft.attacks import AttackBudget, attack_mode, pgd_perturb
+from ran_peft.attacks import AttackBudget, deterministic_training_mode, pgd_perturb
 from ran_peft.families import (
     DualEncoderFamily,
     FamilyOutput,
@@ -216,13 +216,14 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, and parameters that do not require gradients, both restored afterwards.
+    """The deterministic model (see `deterministic_training_mode`), and parameters that do not require gradients,
+    both restored afterwards.
 
     The attack only needs input gradients; with the parameters frozen its backward passes build no graph for
     weight gradients (less memory), and no `.grad` of the user's parameters can be touched.
     """
     requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    with attack_mode(model):
+    with deterministic_training_mode(model):
         try:
             for parameter, _ in requires_grad:
                 parameter.requires_grad_(False)

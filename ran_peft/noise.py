@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ran_peft.attacks import AttackBudget, attack_mode, pgd_perturb
+from ran_peft.attacks import AttackBudget, attack_mode, deterministic_training_mode, pgd_perturb
 from ran_peft.pixels import PixelBox
 
 NOISE_MODES = ("both", "image", "caption")
@@ -558,7 +558,7 @@ def _attack_images(
             # A sum, so each image's gradient is its own whatever the group size.
             return (surrogate.image_embeddings(adversarial) * target).sum()
 
-        with attack_mode(surrogate.model):
+        with deterministic_training_mode(surrogate.model):
             adversarial = pgd_perturb(objective, clean, PixelBox(), budget)
         # Rounding to 8 bits can add half a level: clamp the integer difference back into the budget.
         levels = torch.round(adversarial.detach().cpu().float() * 255.0).to(torch.int16)

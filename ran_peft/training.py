@@ -20,6 +20,7 @@ from ran_peft.attacks import (
     attack_mode,
     input_gradients,
     pgd_perturb,
+    running_statistics_frozen,
 )
 from ran_peft.config import RANConfig
 from ran_peft.families import DualEncoderFamily, FamilyOutput, ModelFamily, detect_family, token_embedding
@@ -247,7 +248,12 @@ def ran_loss(
         )
 
     # 3. Adversarial pass and rectification.
-    with text_context(track_gradient=False):
+    statistics = (
+        running_statistics_frozen(model)
+        if config.adversarial_batch_statistics == "batch_only"
+        else contextlib.nullcontext()
+    )
+    with text_context(track_gradient=False), statistics:
         adversarial: FamilyOutput = family.run(
             forward, inputs, adversarial_pixels, want_features=config.consistency_weight > 0, extra=extra
         )
