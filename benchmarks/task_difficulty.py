@@ -29,7 +29,7 @@ from ran_peft.data import (  # noqa: E402
     synthetic_medical_dataset,
     tokenize_class_prompts,
 )
-from ran_peft.evaluation import image_features, linear_probe_accuracy, zero_shot_accuracy  # noqa: E402
+from ran_peft.representation import image_features, linear_probe_accuracy, zero_shot_accuracy  # noqa: E402
 
 
 def measure(model, processor, task: str, train_size: int, eval_size: int, seed: int) -> dict:

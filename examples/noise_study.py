@@ -187,10 +187,10 @@ def run_study(
 
     from ran_peft import PixelBox, RANConfig
     from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts
-    from ran_peft.evaluation import image_features, linear_probe_accuracy
     from ran_peft.experiments import ExperimentSettings, evaluate_adapter, lora_equivalent, train_adapter
     from ran_peft.noise import SurrogateVLM, add_adversarial_noise
     from ran_peft.pretrain import offline_processor, pretrain_clip
+    from ran_peft.representation import image_features, linear_probe_accuracy
 
     check_settings(settings)
     torch.set_num_threads(settings.threads)

@@ -40,12 +40,8 @@ from ran_peft.evaluation import (
     evaluate_robustness,
     format_epsilon,
     gradient_masking_checks,
-    image_features,
-    linear_probe_accuracy,
     parse_epsilon,
     prediction_correctness,
-    retrieval_recall_at_k,
-    zero_shot_accuracy,
 )
 from ran_peft.families import (
     DualEncoderFamily,
@@ -65,6 +61,12 @@ from ran_peft.noise import (
     substitute_medical_terms,
 )
 from ran_peft.pixels import PixelBox
+from ran_peft.representation import (
+    image_features,
+    linear_probe_accuracy,
+    retrieval_recall_at_k,
+    zero_shot_accuracy,
+)
 from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
 
 __all__ = [

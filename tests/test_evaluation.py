@@ -18,14 +18,16 @@ from ran_peft.evaluation import (
     evaluate_robustness,
     format_epsilon,
     gradient_masking_checks,
-    image_features,
-    linear_probe_accuracy,
     parse_epsilon,
     prediction_correctness,
+)
+from ran_peft.families import FamilyOutput
+from ran_peft.representation import (
+    image_features,
+    linear_probe_accuracy,
     retrieval_recall_at_k,
     zero_shot_accuracy,
 )
-from ran_peft.families import FamilyOutput
 
 BOX = PixelBox(tm.MEAN, tm.STD)
 
