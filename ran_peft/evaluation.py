@@ -245,11 +245,15 @@ def _attack_batch(
     model: nn.Module,
     family: ModelFamily,
     inputs: Batch,
-    box: BatchPixelBox,
+    box: PixelBox | BatchPixelBox,
     budget: AttackBudget,
     generators: Sequence[torch.Generator | None],
-) -> torch.Tensor:
-    """Attack once per generator (restart); return which samples are right under every restart."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attack once per generator (restart); return (right under every restart, the worst adversarial pixels).
+
+    A sample's worst adversarial example is the first one that fooled it, else the last restart's. Samples are
+    the pixels' first dim, or for patch rows each image's rows (one image per sample).
+    """
 
     def task_loss(adversarial_pixels: torch.Tensor, text: Any) -> torch.Tensor:
         loss = family.run(model, inputs, adversarial_pixels).loss
@@ -261,14 +265,32 @@ def _attack_batch(
         return loss
 
     pixel_values = inputs["pixel_values"]
+    if isinstance(box, PixelBox):
+        box = BatchPixelBox.place(box, inputs)
     survived: torch.Tensor | None = None
+    worst = pixel_values
     for generator in generators:
         adversarial = pgd_perturb(task_loss, pixel_values, box, budget, generator=generator)
         correct, _ = _correctness(model, family, inputs, adversarial)
-        survived = correct.clone() if survived is None else survived & correct
+        if survived is None:
+            survived, worst = correct.clone(), adversarial.clone()
+        else:
+            fooled_now = _per_pixel_sample(box, survived & ~correct)
+            worst[fooled_now] = adversarial[fooled_now]
+            still_right = _per_pixel_sample(box, survived & correct)
+            worst[still_right] = adversarial[still_right]
+            survived &= correct
     if survived is None:
         raise ValueError("the attack needs at least one restart.")
-    return survived
+    return survived, worst
+
+
+def _per_pixel_sample(box: BatchPixelBox, flags: torch.Tensor) -> torch.Tensor:
+    """Per-sample flags as an index over the pixels' first dim (patch rows: each image's rows)."""
+    rows = box.placement.sample_rows
+    if rows is not None and len(rows) == flags.shape[0]:
+        return flags.repeat_interleave(torch.tensor(rows, device=flags.device))
+    return flags
 
 
 def _budget(attack: str, epsilon: float, steps: int, step_size: float | None, norm: str) -> AttackBudget:
@@ -520,7 +542,7 @@ def evaluate_robustness(
             total += int(scored.sum())
             clean_right += int(clean.sum())
 
-            zero = _attack_batch(model, family, inputs, placed, zero_budget, [None])
+            zero, _ = _attack_batch(model, family, inputs, placed, zero_budget, [None])
             zero_right += int(zero.sum())
             zero_mismatches += int((zero.ne(clean) & scored).sum())
             for key in keys:
@@ -528,12 +550,12 @@ def evaluate_robustness(
                     robust_right[key] += int((clean & zero).sum())
                     continue
                 streams = generators.for_restarts(key, restarts, pixel_device)
-                survived = _attack_batch(model, family, inputs, placed, budgets[key], streams)
+                survived, _ = _attack_batch(model, family, inputs, placed, budgets[key], streams)
                 robust_right[key] += int((clean & survived).sum())
             if weaker_budget is not None:
                 # the same random starts as the full attack, so the number of steps is the only difference
                 streams = generators.for_restarts(f"weaker {largest}", restarts, pixel_device)
-                survived = _attack_batch(model, family, inputs, placed, weaker_budget, streams)
+                survived, _ = _attack_batch(model, family, inputs, placed, weaker_budget, streams)
                 weaker_right += int((clean & survived).sum())
     if total == 0:
         raise ValueError(
