@@ -87,7 +87,8 @@ class PixelLayout:
 @dataclass(frozen=True)
 class ChannelsFirstLayout(PixelLayout):
     """Images of any rank `(..., C, H, W)`: CLIP, ViT, LLaVA(-NeXT) tiles, Mllama's 6-D tiles, Idefics3's padded
-    image lists. A `pixel_attention_mask` of shape `(..., H, W)` marks the real pixels; padding images have none."""
+    image lists. A `pixel_attention_mask` of shape `(..., H, W)` marks the real pixels (padding images have none),
+    an `aspect_ratio_mask` of shape `(...)` the real tiles (Mllama)."""
 
     name = "channels_first"
 
@@ -103,6 +104,16 @@ class ChannelsFirstLayout(PixelLayout):
                 f"normalisation has {channels} (mean/std per channel).",
             )
         real = None
+        image_mask = inputs.get("aspect_ratio_mask")  # Mllama: which tiles of each image are real
+        if torch.is_tensor(image_mask):
+            if tuple(image_mask.shape) != shape[:-3]:
+                raise _layout_error(
+                    pixel_values,
+                    inputs,
+                    f"Its `aspect_ratio_mask` has shape {tuple(image_mask.shape)}, but a mask of real tiles has "
+                    f"shape {shape[:-3]} (the pixels' leading dims).",
+                )
+            real = image_mask.bool()[..., None, None, None]
         mask = inputs.get("pixel_attention_mask")
         if torch.is_tensor(mask):
             if tuple(mask.shape) != shape[:-3] + shape[-2:]:
@@ -112,7 +123,8 @@ class ChannelsFirstLayout(PixelLayout):
                     f"Its `pixel_attention_mask` has shape {tuple(mask.shape)}, but channel-first padding masks have "
                     f"shape {shape[:-3] + shape[-2:]} (the pixels without the channel dim).",
                 )
-            real = mask.bool().unsqueeze(-3)
+            pixel_mask = mask.bool().unsqueeze(-3)
+            real = pixel_mask if real is None else real & pixel_mask
         return PixelPlacement(self.name, shape, channels, trailing_dims=2, real=real, sample_ndim=3)
 
 
