@@ -89,7 +89,8 @@ def _warn_pixel_independent(model: nn.Module) -> None:
     )
 
 
-def _require_logits(family: ModelFamily, model: nn.Module, config: RANConfig, output: FamilyOutput) -> None:
+def _require_logits(model: nn.Module, config: RANConfig, output: FamilyOutput) -> None:
+    """Refuse the terms over the predictive distribution for a model that returns no logits (BLIP VQA)."""
     if output.logits is not None:
         return
     needs = [
@@ -239,7 +240,7 @@ def ran_loss(
         clean_pixels = pixel_values.detach().requires_grad_(free)
         with text_context(track_gradient=free):
             clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
-        _require_logits(family, model, config, clean)
+        _require_logits(model, config, clean)
     feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
     if clean is None:
         clean_logits = None
@@ -314,7 +315,7 @@ def ran_loss(
         adversarial: FamilyOutput = family.run(
             forward, inputs, adversarial_pixels, want_features=config.consistency_weight > 0, extra=extra
         )
-    _require_logits(family, model, config, adversarial)
+    _require_logits(model, config, adversarial)
     if mix > 0:
         loss = loss + mix * adversarial.loss
     parts["adversarial"] = adversarial.loss.detach()
