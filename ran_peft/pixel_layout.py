@@ -87,8 +87,8 @@ class PixelLayout:
 @dataclass(frozen=True)
 class ChannelsFirstLayout(PixelLayout):
     """Images of any rank `(..., C, H, W)`: CLIP, ViT, LLaVA(-NeXT) tiles, Mllama's 6-D tiles, Idefics3's padded
-    image lists. A `pixel_attention_mask` of shape `(..., H, W)` marks the real pixels (padding images have none),
-    an `aspect_ratio_mask` of shape `(...)` the real tiles (Mllama)."""
+    image lists. Padding: in lists of images or tiles (5 or more dims), an all-zero image; a `pixel_attention_mask`
+    of shape `(..., H, W)` marks the real pixels, an `aspect_ratio_mask` of shape `(...)` the real tiles (Mllama)."""
 
     name = "channels_first"
 
@@ -104,6 +104,11 @@ class ChannelsFirstLayout(PixelLayout):
                 f"normalisation has {channels} (mean/std per channel).",
             )
         real = None
+        if pixel_values.dim() >= 5:
+            # Lists of images or tiles per sample (Idefics2/3, SmolVLM, LLaVA-NeXT, Mllama): processors pad them with
+            # images that are exactly 0 everywhere, which the models skip (Idefics3 finds its real images this
+            # way); a real image is never exactly the mean colour in every pixel.
+            real = pixel_values.ne(0).flatten(-3).any(-1)[..., None, None, None]
         image_mask = inputs.get("aspect_ratio_mask")  # Mllama: which tiles of each image are real
         if torch.is_tensor(image_mask):
             if tuple(image_mask.shape) != shape[:-3]:
@@ -113,7 +118,8 @@ class ChannelsFirstLayout(PixelLayout):
                     f"Its `aspect_ratio_mask` has shape {tuple(image_mask.shape)}, but a mask of real tiles has "
                     f"shape {shape[:-3]} (the pixels' leading dims).",
                 )
-            real = image_mask.bool()[..., None, None, None]
+            tiles = image_mask.bool()[..., None, None, None]
+            real = tiles if real is None else real & tiles
         mask = inputs.get("pixel_attention_mask")
         if torch.is_tensor(mask):
             if tuple(mask.shape) != shape[:-3] + shape[-2:]:

@@ -460,19 +460,34 @@ def llava(batch: int = 2) -> Architecture:
 
 
 def llava_next(batch: int = 2) -> Architecture:
+    """A wide and a square image: the square one has fewer tiles, and the processor pads it with a zero tile."""
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, IMAGE_SIZE * 2], [IMAGE_SIZE * 2, IMAGE_SIZE]]
     processor = tf.LlavaNextImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE * 2], [IMAGE_SIZE * 2, IMAGE_SIZE]], image_mean=MEAN, image_std=STD,
+        image_grid_pinpoints=pinpoints, image_mean=MEAN, image_std=STD,
     )  # fmt: skip
     config = tf.LlavaNextConfig(
         vision_config={"model_type": "clip_vision_model", **_CLIP_VISION}, text_config=_llama(),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE * 2], [IMAGE_SIZE * 2, IMAGE_SIZE]],
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
     )  # fmt: skip
     model = tf.LlavaNextForConditionalGeneration(config)
-    pixels = processor(images=images(batch, sizes=[(32, 64)] * batch), return_tensors="pt")
-    inputs = generative_batch(model, pixels, None, batch=batch)
-    return Architecture("llava_next", "channels_first", model, processor, inputs, ["q_proj", "v_proj"])
+    pixels = processor(images=images(batch, sizes=[(32, 64), (32, 32)] * (batch // 2)), return_tensors="pt")
+    tokens = [
+        image_feature_count(
+            model, {key: pixels[key][index : index + 1] for key in ("pixel_values", "image_sizes")}
+        )
+        for index in range(batch)
+    ]
+    inputs = generative_batch(model, pixels, tokens, batch=batch)
+
+    def padding(batch_inputs: dict[str, Any]) -> torch.Tensor:
+        pixel_values = batch_inputs["pixel_values"]
+        zero_tiles = ~pixel_values.ne(0).flatten(-3).any(-1)
+        return zero_tiles[..., None, None, None].expand(pixel_values.shape)
+
+    return Architecture(
+        "llava_next", "channels_first", model, processor, inputs, ["q_proj", "v_proj"], padding=padding
+    )
 
 
 def gemma3(batch: int = 2, open_projector: bool = True) -> Architecture:
