@@ -146,3 +146,28 @@ def test_evaluation_attacks_use_the_layout_and_never_touch_padding(name, monkeyp
             assert not delta[padding].any()
         if epsilon > 0:
             assert box.linf_in_pixels(delta).max().item() == pytest.approx(epsilon, abs=1e-6)
+
+
+def test_a_layout_stated_to_the_callback_is_the_one_used(tmp_path):
+    """RANCallback(pixel_layout=...) reaches every batch: Qwen rows stated as channel-first images are refused with
+    the shape, not reinterpreted."""
+    from transformers import Trainer, TrainingArguments
+
+    from ran_peft import RANCallback
+
+    qwen = arch.qwen2_vl()
+    model = get_peft_model(qwen.model, RANConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[qwen.batch],
+        data_collator=lambda items: items[0],
+        processing_class=qwen.processor,
+        callbacks=[RANCallback(pixel_layout="channels_first")],
+    )
+    with pytest.raises(PixelLayoutError, match=r"shape \(40, 384\).*image_grid_thw.*at least 3 dims"):
+        trainer.train()
