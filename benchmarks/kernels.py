@@ -119,12 +119,13 @@ def _pgd_timing(shape, device: str, repeats: int) -> dict:
     grad = torch.randn(shape, generator=gen).to(device)
     delta = torch.zeros_like(clean)
     std, lower, upper = STD.to(device), ((0 - MEAN) / STD).to(device), ((1 - MEAN) / STD).to(device)
+    # per-channel bounds placed for (..., C, H, W) images (the kernel takes any per-element broadcast)
     std_c, lower_c, upper_c = std.view(3, 1, 1), lower.view(3, 1, 1), upper.view(3, 1, 1)
     epsilon, step_size = 8 / 255, 2 / 255
 
     def ours():
         return pgd_step(
-            delta, grad, clean, std=std, lower=lower, upper=upper, epsilon=epsilon, step_size=step_size
+            delta, grad, clean, std=std_c, lower=lower_c, upper=upper_c, epsilon=epsilon, step_size=step_size
         )
 
     def plain():

@@ -60,6 +60,16 @@ from ran_peft.noise import (
     noisy_rows,
     substitute_medical_terms,
 )
+from ran_peft.pixel_layout import (
+    PIXEL_LAYOUTS,
+    BatchPixelBox,
+    ChannelsFirstLayout,
+    PatchRowLayout,
+    PatchSequenceLayout,
+    PixelLayout,
+    PixelLayoutError,
+    resolve_pixel_layout,
+)
 from ran_peft.pixels import PixelBox
 from ran_peft.representation import (
     image_features,
@@ -67,7 +77,13 @@ from ran_peft.representation import (
     retrieval_recall_at_k,
     zero_shot_accuracy,
 )
-from ran_peft.training import RANOutput, RANTrainingWrapper, ran_loss, resolve_pixel_box
+from ran_peft.training import (
+    PixelIndependentWarning,
+    RANOutput,
+    RANTrainingWrapper,
+    ran_loss,
+    resolve_pixel_box,
+)
 
 __all__ = [
     "AttackReport",
@@ -102,6 +118,15 @@ __all__ = [
     "ImageClassifierFamily",
     "ModelFamily",
     "PixelBox",
+    "PIXEL_LAYOUTS",
+    "BatchPixelBox",
+    "ChannelsFirstLayout",
+    "PatchRowLayout",
+    "PatchSequenceLayout",
+    "PixelIndependentWarning",
+    "PixelLayout",
+    "PixelLayoutError",
+    "resolve_pixel_layout",
     "RANCallback",
     "RANConfig",
     "RANOutput",

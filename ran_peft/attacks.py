@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ran_peft.kernels import pgd_random_start, pgd_step
+from ran_peft.pixel_layout import BatchPixelBox, ChannelsFirstLayout
 from ran_peft.pixels import PixelBox
 
 AttackLoss = Callable[[torch.Tensor, "TextPerturbation | None"], torch.Tensor]
@@ -51,6 +52,7 @@ class AttackReport:
 
     steps_taken: int = 0
     skipped: bool = False
+    pixel_gradient_zero: bool = False  # the first input gradient was exactly 0: the output ignores the pixels
 
 
 _REENTRANT_CHECKPOINT_MARKERS = ("use_reentrant", "Checkpointing is not compatible")
@@ -134,7 +136,7 @@ class TextPerturbation:
 def pgd_perturb(
     loss_fn: AttackLoss,
     pixel_values: torch.Tensor,
-    box: PixelBox,
+    box: PixelBox | BatchPixelBox,
     budget: AttackBudget,
     *,
     first_gradient: torch.Tensor | None = None,
@@ -145,6 +147,8 @@ def pgd_perturb(
     """Maximise `loss_fn(adversarial_pixels, text)` by projected sign-gradient ascent; return the adversarial pixels.
 
     - The perturbation stays in the `budget.epsilon` ball (per channel, pixel units) and the valid pixel box.
+      `box` is the batch's placed box (`BatchPixelBox.place(box, batch)`: channels and padding where the batch's
+      layout puts them; padding never moves); a bare `PixelBox` means channel-first `(..., C, H, W)` images.
     - `first_gradient`: the loss's gradient at the clean input (free start); it makes the first step, so
       `budget.steps` counts it and one step then needs no extra forward pass.
     - Only the input (and text perturbation) gradients are computed: parameters get none.
@@ -154,9 +158,22 @@ def pgd_perturb(
     """
     report = report if report is not None else AttackReport()
     clean = pixel_values.detach()
-    std = box.std_vector(clean)
-    lower, upper = box.bounds(clean)
-    step_kwargs = {"std": std, "lower": lower, "upper": upper, "epsilon": budget.epsilon, "norm": budget.norm}
+    if isinstance(box, PixelBox):
+        box = BatchPixelBox.place(box, {"pixel_values": clean}, ChannelsFirstLayout())
+    if budget.norm == "l2" and box.placement.sample_ndim is None:
+        raise ValueError(
+            f"attack_norm='l2' needs each sample to be a fixed block of dims, but {box.placement.layout} pixels of "
+            f"shape {tuple(clean.shape)} hold images of different sizes: use attack_norm='linf'."
+        )
+    step_kwargs = {**box.kernel_arguments(), "epsilon": budget.epsilon, "norm": budget.norm}
+    first_seen = False
+
+    def note_first_gradient(gradient: torch.Tensor) -> None:
+        nonlocal first_seen
+        if not first_seen:
+            first_seen = True
+            report.pixel_gradient_zero = not bool(gradient.any())
+
     if budget.random_start and budget.epsilon > 0:
         delta = pgd_random_start(clean, generator=generator, **step_kwargs)
     else:
@@ -165,6 +182,7 @@ def pgd_perturb(
     steps_left = budget.steps
     if first_gradient is not None and steps_left > 0:
         steps_left -= 1
+        note_first_gradient(first_gradient)
         if _all_finite(first_gradient):
             delta, adversarial = pgd_step(
                 delta, first_gradient, clean, step_size=budget.step_size, **step_kwargs
@@ -187,6 +205,7 @@ def pgd_perturb(
             raise RuntimeError(
                 "the attack loss does not depend on `pixel_values`: the model ignored the perturbed pixels."
             )
+        note_first_gradient(gradients[0])
         if report.skipped:
             continue  # only here to keep the ranks' passes in step
         if not _all_finite(*gradients):

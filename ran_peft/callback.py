@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from ran_peft.config import RANConfig
+from ran_peft.pixel_layout import PixelLayout
 from ran_peft.pixels import PixelBox
 from ran_peft.quantization import explain_four_bit_cpu_path
 from ran_peft.training import RANTrainingWrapper, resolve_pixel_box
@@ -40,6 +41,9 @@ class RANCallback(TrainerCallback):
             `processing_class` (an image processor or a multi-modal processor).
         class_text_inputs: for dual encoders trained as prompt-based classifiers, the tokenised class prompts
             (`input_ids`, `attention_mask`; one row per class, in label order).
+        pixel_layout: where the channels and padding of `pixel_values` are (a name of
+            `ran_peft.pixel_layout.PIXEL_LAYOUTS` or a `PixelLayout`). Default: the config's `pixel_layout`
+            (`"auto"`: recognised from each batch and the `processing_class`'s attributes).
 
     The loss parts (`ran/clean`, `ran/adversarial`, `ran/kl`, ...) are averaged between logging steps and added to
     the Trainer's logs and `state.log_history`.
@@ -50,10 +54,12 @@ class RANCallback(TrainerCallback):
         config: RANConfig | None = None,
         pixel_box: PixelBox | None = None,
         class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+        pixel_layout: str | PixelLayout | None = None,
     ):
         self.config = config
         self.pixel_box = pixel_box
         self.class_text_inputs = class_text_inputs
+        self.pixel_layout = pixel_layout
         self.wrapper: RANTrainingWrapper | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -69,7 +75,9 @@ class RANCallback(TrainerCallback):
             )
         box = self.pixel_box or resolve_pixel_box(config, processing_class)
         explain_four_bit_cpu_path(model)
-        self.wrapper = RANTrainingWrapper(model, config, box, self.class_text_inputs)
+        self.wrapper = RANTrainingWrapper(
+            model, config, box, self.class_text_inputs, self.pixel_layout, processor=processing_class
+        )
         self.wrapper.step = state.global_step
 
     def on_step_begin(self, args, state, control, **kwargs):

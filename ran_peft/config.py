@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from peft import LoraConfig
 
+from ran_peft.pixel_layout import PIXEL_LAYOUTS
+
 RAN_CONFIG_NAME = "ran_config.json"
 
 _LORA_FIELD_NAMES = frozenset(f.name for f in fields(LoraConfig))
@@ -134,6 +136,16 @@ class RANConfig(LoraConfig):
             "help": "Per-channel pixel std of the inputs. None: read from the processor at training time."
         },
     )
+    pixel_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the channels and the padding of `pixel_values` are: 'auto' (recognised from the batch's "
+            "keys and shapes and the processor's attributes), 'channels_first' ((..., C, H, W) images, padding from "
+            "a (..., H, W) `pixel_attention_mask`), 'patch_rows' ((N, C*T*P*P) rows with `image_grid_thw`, Qwen2-VL "
+            "style) or 'patch_sequence' ((B, N, P*P*C) NaFlex patches with a (B, N) `pixel_attention_mask`, SigLIP2 "
+            "style). See `ran_peft/pixel_layout.py`."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,6 +205,10 @@ class RANConfig(LoraConfig):
             setattr(self, name, [float(v) for v in value])
         if self.image_std is not None and any(v <= 0 for v in self.image_std):
             _fail("image_std", self.image_std, "positive numbers")
+        if self.pixel_layout not in PIXEL_LAYOUTS:
+            _fail(
+                "pixel_layout", self.pixel_layout, "one of " + ", ".join(repr(name) for name in PIXEL_LAYOUTS)
+            )
         if (self.image_mean is None) != (self.image_std is None):
             _fail("image_mean", self.image_mean, "set together with image_std (both or neither)")
 

@@ -29,6 +29,7 @@ from ran_peft.families import (
     ModelFamily,
     detect_family,
 )
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
 from ran_peft.pixels import PixelBox
 
 Batch = Mapping[str, Any]
@@ -244,13 +245,14 @@ def _attack_batch(
     model: nn.Module,
     family: ModelFamily,
     inputs: Batch,
-    box: PixelBox,
+    box: PixelBox | BatchPixelBox,
     budget: AttackBudget,
     generators: Sequence[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attack once per generator (restart); return (right under every restart, the worst adversarial pixels).
 
-    A sample's worst adversarial example is the first one that fooled it, else the last restart's.
+    A sample's worst adversarial example is the first one that fooled it, else the last restart's. Samples are
+    the pixels' first dim, or for patch rows each image's rows (one image per sample).
     """
 
     def task_loss(adversarial_pixels: torch.Tensor, text: Any) -> torch.Tensor:
@@ -263,6 +265,8 @@ def _attack_batch(
         return loss
 
     pixel_values = inputs["pixel_values"]
+    if isinstance(box, PixelBox):
+        box = BatchPixelBox.place(box, inputs)
     survived: torch.Tensor | None = None
     worst = pixel_values
     for generator in generators:
@@ -271,14 +275,22 @@ def _attack_batch(
         if survived is None:
             survived, worst = correct.clone(), adversarial.clone()
         else:
-            fooled_now = survived & ~correct
+            fooled_now = _per_pixel_sample(box, survived & ~correct)
             worst[fooled_now] = adversarial[fooled_now]
-            still_right = survived & correct
+            still_right = _per_pixel_sample(box, survived & correct)
             worst[still_right] = adversarial[still_right]
             survived &= correct
     if survived is None:
         raise ValueError("the attack needs at least one restart.")
     return survived, worst
+
+
+def _per_pixel_sample(box: BatchPixelBox, flags: torch.Tensor) -> torch.Tensor:
+    """Per-sample flags as an index over the pixels' first dim (patch rows: each image's rows)."""
+    rows = box.placement.sample_rows
+    if rows is not None and len(rows) == flags.shape[0]:
+        return flags.repeat_interleave(torch.tensor(rows, device=flags.device))
+    return flags
 
 
 def _budget(attack: str, epsilon: float, steps: int, step_size: float | None, norm: str) -> AttackBudget:
@@ -465,6 +477,7 @@ def evaluate_robustness(
     seed: int = 0,
     check_steps: bool = True,
     tolerance: float = 0.01,
+    pixel_layout: str | PixelLayout = "auto",
 ) -> RobustnessReport:
     """Clean and robust accuracy of `model` over `batches` (any iterable of batch dicts, iterated once).
 
@@ -481,6 +494,8 @@ def evaluate_robustness(
       epsilon) PGD with `steps // 2` steps must not beat PGD with `steps` by more than `tolerance`. A failure
       warns with `GradientMaskingWarning` and is recorded in `report.checks`.
     - `class_text_inputs`: tokenised class prompts for prompt-based classification with a dual encoder.
+    - `pixel_layout`: where each batch's channels and padding are (`"auto"`: recognised from the batch; see
+      `ran_peft.pixel_layout`); padding is never perturbed.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}.")
@@ -521,12 +536,13 @@ def evaluate_robustness(
         for batch in batches:
             inputs = _to_device(batch, device)
             family.check_inputs(inputs)
+            placed = BatchPixelBox.place(pixel_box, inputs, pixel_layout)
             pixel_device = inputs["pixel_values"].device
             clean, scored = _correctness(model, family, inputs, inputs["pixel_values"])
             total += int(scored.sum())
             clean_right += int(clean.sum())
 
-            zero, _ = _attack_batch(model, family, inputs, pixel_box, zero_budget, [None])
+            zero, _ = _attack_batch(model, family, inputs, placed, zero_budget, [None])
             zero_right += int(zero.sum())
             zero_mismatches += int((zero.ne(clean) & scored).sum())
             for key in keys:
@@ -534,12 +550,12 @@ def evaluate_robustness(
                     robust_right[key] += int((clean & zero).sum())
                     continue
                 streams = generators.for_restarts(key, restarts, pixel_device)
-                survived, _ = _attack_batch(model, family, inputs, pixel_box, budgets[key], streams)
+                survived, _ = _attack_batch(model, family, inputs, placed, budgets[key], streams)
                 robust_right[key] += int((clean & survived).sum())
             if weaker_budget is not None:
                 # the same random starts as the full attack, so the number of steps is the only difference
                 streams = generators.for_restarts(f"weaker {largest}", restarts, pixel_device)
-                survived, _ = _attack_batch(model, family, inputs, pixel_box, weaker_budget, streams)
+                survived, _ = _attack_batch(model, family, inputs, placed, weaker_budget, streams)
                 weaker_right += int((clean & survived).sum())
     if total == 0:
         raise ValueError(

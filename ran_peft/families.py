@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
 from ran_peft.pixels import PixelBox
 
 Forward = Callable[..., Any]
@@ -31,7 +32,7 @@ class FamilyOutput:
     """One forward pass, reduced to what the recipe uses."""
 
     loss: torch.Tensor
-    logits: torch.Tensor  # predictive logits, rows over the last dim
+    logits: torch.Tensor | None  # predictive logits, rows over the last dim (None: the model returns none)
     logits_mask: torch.Tensor | None  # which rows count (None: all)
     features: torch.Tensor | None  # pooled image features [B, D] when asked for
 
@@ -59,28 +60,26 @@ def _get(outputs: Any, name: str) -> Any:
 
 
 def check_pixel_range(
-    pixel_values: torch.Tensor, box: PixelBox, tolerance: float = PIXEL_RANGE_TOLERANCE
+    pixel_values: torch.Tensor, box: BatchPixelBox, tolerance: float = PIXEL_RANGE_TOLERANCE
 ) -> None:
     """Refuse pixels that lie outside the box by more than `tolerance` pixel units: the mean/std do not fit them.
 
+    `box` is the batch's placed box, so channels are read where the layout puts them and padding is not checked.
     This catches the common mistakes (raw 0-255 pixels; pixels normalised with another processor's wider mean/std;
     normalised pixels given a `do_normalize=False` box). A mismatch that keeps every pixel inside the box (two
     close normalisations, such as ImageNet's and CLIP's) cannot be seen from the pixels.
     """
     with torch.no_grad():
-        pixels = box.to_pixels(pixel_values.detach())
-        per_channel = pixels.movedim(-3, 0).flatten(1) if pixels.dim() >= 3 else pixels.reshape(1, -1)
-        low, high = per_channel.amin(dim=1), per_channel.amax(dim=1)
+        low, high = box.channel_ranges(box.to_pixels(pixel_values.detach()))
     if bool((low >= -tolerance).all()) and bool((high <= 1 + tolerance).all()):
         return
-    lower, upper = box.bounds(pixel_values)
-    observed = pixel_values.detach().float()
-    observed = observed.movedim(-3, 0).flatten(1) if observed.dim() >= 3 else observed.reshape(1, -1)
-    seen = _ranges(observed.amin(dim=1), observed.amax(dim=1))
+    mean, std = torch.tensor(box.box.mean), torch.tensor(box.box.std)
+    lower, upper = (0.0 - mean) / std, (1.0 - mean) / std
+    seen = _ranges(*box.channel_ranges(pixel_values.detach()))
     allowed, in_pixels = _ranges(lower, upper), _ranges(low, high)
     raise ValueError(
-        f"`pixel_values` do not fit the pixel normalisation RAN was given (mean={list(box.mean)}, "
-        f"std={list(box.std)}): per channel they span {seen}, but that normalisation maps [0, 1] pixels to "
+        f"`pixel_values` do not fit the pixel normalisation RAN was given (mean={list(box.box.mean)}, "
+        f"std={list(box.box.std)}): per channel they span {seen}, but that normalisation maps [0, 1] pixels to "
         f"{allowed} (these pixels would be {in_pixels} in [0, 1] pixel units, tolerance {tolerance}). The "
         "normalisation (mean/std) does not match these pixels: pass the image processor that made them "
         "(Trainer's `processing_class`), or set RANConfig.image_mean/image_std to its values; raw 0-255 pixels "
@@ -97,8 +96,14 @@ class ModelFamily:
 
     name = "base"
 
-    def check_inputs(self, inputs: Mapping[str, Any], box: PixelBox | None = None) -> None:
-        """Refuse a batch RAN cannot train on, with what is wrong; with `box`, also pixels the box does not fit."""
+    def check_inputs(
+        self,
+        inputs: Mapping[str, Any],
+        box: PixelBox | BatchPixelBox | None = None,
+        pixel_layout: str | PixelLayout | None = "auto",
+    ) -> None:
+        """Refuse a batch RAN cannot train on, with what is wrong; with `box`, also pixels the box does not fit
+        (a `PixelBox` is placed over the batch with `pixel_layout` first)."""
         if "pixel_values" not in inputs or not torch.is_tensor(inputs["pixel_values"]):
             raise ValueError(
                 f"RAN needs `pixel_values` (a tensor) in every batch; this batch has keys {sorted(inputs)}."
@@ -111,6 +116,8 @@ class ModelFamily:
                 "`pixel_values` holds NaN or inf: fix the data pipeline (RAN will not attack it)."
             )
         if box is not None:
+            if isinstance(box, PixelBox):
+                box = BatchPixelBox.place(box, inputs, pixel_layout)
             check_pixel_range(pixel_values, box)
 
     def run(
@@ -135,8 +142,8 @@ class ImageClassifierFamily(ModelFamily):
 
     name = "image_classifier"
 
-    def check_inputs(self, inputs: Mapping[str, Any], box: PixelBox | None = None) -> None:
-        super().check_inputs(inputs, box)
+    def check_inputs(self, inputs, box=None, pixel_layout="auto"):
+        super().check_inputs(inputs, box, pixel_layout)
         if inputs.get("labels") is None:
             raise ValueError("an image classifier needs `labels` in the batch to train with RAN.")
 
@@ -173,8 +180,8 @@ class DualEncoderFamily(ModelFamily):
             return prompts
         return self.class_text_inputs
 
-    def check_inputs(self, inputs, box=None):
-        super().check_inputs(inputs, box)
+    def check_inputs(self, inputs, box=None, pixel_layout="auto"):
+        super().check_inputs(inputs, box, pixel_layout)
         if inputs.get("labels") is not None:
             if self._class_prompts(inputs) is None:
                 raise ValueError(
@@ -227,8 +234,8 @@ class GenerativeFamily(ModelFamily):
 
     _feature_names = ("image_hidden_states", "image_embeds")
 
-    def check_inputs(self, inputs, box=None):
-        super().check_inputs(inputs, box)
+    def check_inputs(self, inputs, box=None, pixel_layout="auto"):
+        super().check_inputs(inputs, box, pixel_layout)
         if inputs.get("labels") is None:
             raise ValueError(
                 "a generative VLM needs `labels` (answer tokens, -100 elsewhere) to train with RAN."
@@ -238,7 +245,13 @@ class GenerativeFamily(ModelFamily):
         kwargs = {**inputs, **(extra or {}), "pixel_values": pixel_values}
         outputs = forward(**kwargs)
         logits = _get(outputs, "logits")
-        labels = inputs["labels"].to(logits.device)
+        labels = inputs["labels"]
+        features = self._image_features(outputs, labels.shape[0]) if want_features else None
+        if logits is None:
+            # BlipForQuestionAnswering returns only its answer decoder's loss: the task terms still work, the
+            # terms over the predictive distribution (KL) cannot; `ran_loss` says so when they are asked for.
+            return FamilyOutput(_get(outputs, "loss"), None, None, features)
+        labels = labels.to(logits.device)
         if logits.shape[:2] != labels.shape[:2]:
             raise ValueError(
                 f"logits cover {tuple(logits.shape[:2])} positions but labels {tuple(labels.shape[:2])}: RAN needs one "
@@ -246,7 +259,6 @@ class GenerativeFamily(ModelFamily):
             )
         mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
         mask[:, :-1] = labels[:, 1:].ne(-100)
-        features = self._image_features(outputs, pixel_values.shape[0]) if want_features else None
         return FamilyOutput(_get(outputs, "loss"), logits, mask, features)
 
     def _image_features(self, outputs: Any, batch: int) -> torch.Tensor | None:

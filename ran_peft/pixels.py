@@ -28,8 +28,9 @@ def _as_channel_tuple(name: str, value: Any) -> tuple[float, ...]:
 class PixelBox:
     """Per-channel normalisation `x = (p - mean) / std` of pixels `p` in [0, 1].
 
-    The channel dimension of a pixel tensor is `-3` (`(..., C, H, W)`). A box with one channel broadcasts over
-    any number of channels.
+    The methods here read the channel dimension of a pixel tensor at `-3` (`(..., C, H, W)`). A box with one channel
+    broadcasts over any number of channels. For a batch in any layout (Qwen patch rows, NaFlex sequences, padded
+    image lists), `ran_peft.pixel_layout.BatchPixelBox.place(box, batch)` spreads the box over its elements.
     """
 
     mean: tuple[float, ...] = (0.0,)
@@ -74,7 +75,9 @@ class PixelBox:
         if vector.numel() != channels:
             raise ValueError(
                 f"the pixel box has {vector.numel()} channels but the pixel tensor has {channels} "
-                f"(shape {tuple(like.shape)}, channels at dim -3): pass the image processor that made these pixels."
+                f"(shape {tuple(like.shape)}, channels at dim -3): pass the image processor that made these pixels, or, for "
+                "pixels that are not (..., C, H, W) images, place the box over the batch with "
+                "`ran_peft.BatchPixelBox.place(box, batch)`."
             )
         return vector.contiguous()
 

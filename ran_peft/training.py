@@ -5,6 +5,8 @@ it behind a model's `forward` so that any loop calling `model(**batch).loss` (th
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +25,17 @@ from ran_peft.attacks import (
     running_statistics_frozen,
 )
 from ran_peft.config import RANConfig
-from ran_peft.families import DualEncoderFamily, FamilyOutput, ModelFamily, detect_family, token_embedding
+from ran_peft.families import (
+    DualEncoderFamily,
+    FamilyOutput,
+    ModelFamily,
+    check_pixel_range,
+    detect_family,
+    token_embedding,
+    unwrap_model,
+)
 from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
 from ran_peft.pixels import PixelBox
 
 LOSS_PARTS = ("clean", "adversarial", "kl", "consistency", "covariance", "spectrum")
@@ -52,6 +63,51 @@ def resolve_pixel_box(config: RANConfig, processor: Any = None) -> PixelBox:
             "or set `image_mean` and `image_std` in RANConfig."
         )
     return box
+
+
+class PixelIndependentWarning(UserWarning):
+    """The model's loss does not depend on the pixels: the attack can change nothing."""
+
+
+# Models already warned about (once each): a plain loop calls `ran_loss` every step.
+_WARNED_PIXEL_INDEPENDENT: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_pixel_independent(model: nn.Module) -> None:
+    if model in _WARNED_PIXEL_INDEPENDENT:
+        return
+    _WARNED_PIXEL_INDEPENDENT.add(model)
+    warnings.warn(
+        PixelIndependentWarning(
+            f"the loss of {type(unwrap_model(model)).__name__} has an input gradient of exactly 0 with respect to "
+            "`pixel_values`: its output does not depend on the image (e.g. a zero-initialised projector or "
+            "cross-attention gates, or a vision path cut off). The attack cannot change anything, so the "
+            "adversarial loss equals the clean one and the KL is 0: RAN trains like plain LoRA on this model until "
+            "the pixels reach the output. Check that the vision tower is connected (and trained, if its link to "
+            "the language model starts at zero)."
+        ),
+        stacklevel=3,
+    )
+
+
+def _require_logits(model: nn.Module, config: RANConfig, output: FamilyOutput) -> None:
+    """Refuse the terms over the predictive distribution for a model that returns no logits (BLIP VQA)."""
+    if output.logits is not None:
+        return
+    needs = [
+        name
+        for name, on in (
+            ("kl_weight > 0", config.kl_weight > 0),
+            ("attack_loss='kl'", config.attack_loss == "kl"),
+        )
+        if on
+    ]
+    if needs:
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__} returns no `logits` (its output holds only the loss and image "
+            f"features), so RAN cannot compare its predictive distributions, which {' and '.join(needs)} need. "
+            "Train it with the task losses alone: RANConfig(kl_weight=0, attack_loss='task')."
+        )
 
 
 def _feature_terms(config: RANConfig, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -117,18 +173,24 @@ def ran_loss(
     family: ModelFamily | None = None,
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    pixel_layout: str | PixelLayout | None = None,
+    processor: Any = None,
 ) -> RANOutput:
     """The RAN loss of one batch. Call `.loss.backward()` on the result, as with any model output.
 
     `step` is the optimiser step (it drives the noise warm-up). `forward` is what runs the model (default: the
     model itself). With `epsilon=0`, `text_epsilon=0` and every rectification weight 0 this is the task loss.
+    `pixel_layout` (default: `config.pixel_layout`) and `processor` (its patch sizes) place the batch's channels
+    and padding (see `ran_peft.pixel_layout`).
     """
     family = family or detect_family(model, class_text_inputs)
     forward = forward or model
     inputs = dict(inputs)
     num_items_in_batch = inputs.pop("num_items_in_batch", None)
-    box = pixel_box or resolve_pixel_box(config)
-    family.check_inputs(inputs, box)
+    box = pixel_box or resolve_pixel_box(config, processor)
+    family.check_inputs(inputs)
+    placed = BatchPixelBox.place(box, inputs, pixel_layout or config.pixel_layout, processor)
+    check_pixel_range(inputs["pixel_values"], placed)
     extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
     # When the Trainer passes `num_items_in_batch`, the model normalises its task loss over the whole accumulated
     # batch; our own terms are batch means, so they get this batch's share of the items.
@@ -147,6 +209,7 @@ def ran_loss(
         clean = family.run(forward, inputs, pixel_values, want_features=want_features, extra=extra)
         loss = clean.loss
         parts["clean"] = clean.loss.detach()
+        logits = clean.logits.detach() if clean.logits is not None else None
         for name, term in _feature_terms(config, clean.features).items():
             loss = loss + share * getattr(config, f"{name}_weight") * term
             parts[name] = term.detach()
@@ -159,9 +222,7 @@ def ran_loss(
             )  # no perturbation: the clean pass's features
             loss = loss + share * config.consistency_weight * term
             parts["consistency"] = term.detach()
-        return RANOutput(
-            loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=pixel_values
-        )
+        return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=pixel_values)
 
     text = TextPerturbation(token_embedding(model), text_epsilon) if text_epsilon > 0 else None
     text_context = (
@@ -180,6 +241,7 @@ def ran_loss(
         clean_pixels = pixel_values.detach().requires_grad_(free)
         with text_context(track_gradient=free):
             clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
+        _require_logits(model, config, clean)
     feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
     if clean is None:
         clean_logits = None
@@ -203,7 +265,7 @@ def ran_loss(
         if trainable:
             loss = loss + (1 - mix) * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
         loss = loss + (1 - mix) * clean.loss.detach()
-        clean_logits = clean.logits.detach()
+        clean_logits = clean.logits.detach() if clean.logits is not None else None
     else:
         loss = loss + (1 - mix) * clean.loss
         clean_logits = clean.logits
@@ -239,13 +301,15 @@ def ran_loss(
         adversarial_pixels = pgd_perturb(
             attack_objective,
             pixel_values,
-            box,
+            placed,
             budget,
             first_gradient=first_gradient,
             text=text,
             generator=generator,
             report=attack_report,
         )
+    if attack_report.pixel_gradient_zero and epsilon > 0:
+        _warn_pixel_independent(model)
 
     # 3. Adversarial pass and rectification.
     statistics = (
@@ -257,6 +321,7 @@ def ran_loss(
         adversarial: FamilyOutput = family.run(
             forward, inputs, adversarial_pixels, want_features=config.consistency_weight > 0, extra=extra
         )
+    _require_logits(model, config, adversarial)
     if mix > 0:
         loss = loss + mix * adversarial.loss
     parts["adversarial"] = adversarial.loss.detach()
@@ -277,7 +342,8 @@ def ran_loss(
         parts["consistency"] = term.detach()
     parts["epsilon"] = torch.tensor(epsilon)
     parts["attack_skipped"] = torch.tensor(float(attack_report.skipped))
-    logits = (clean if clean is not None else adversarial).logits.detach()
+    logits = (clean if clean is not None else adversarial).logits
+    logits = logits.detach() if logits is not None else None
     return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=adversarial_pixels)
 
 
@@ -295,6 +361,8 @@ class RANTrainingWrapper:
         config: RANConfig,
         pixel_box: PixelBox,
         class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+        pixel_layout: str | PixelLayout | None = None,
+        processor: Any = None,
     ):
         if isinstance(model.__dict__.get("forward"), _WrappedForward):
             raise RuntimeError(
@@ -303,6 +371,8 @@ class RANTrainingWrapper:
         self.model = model
         self.config = config
         self.pixel_box = pixel_box
+        self.pixel_layout = pixel_layout
+        self.processor = processor
         self.family = detect_family(model, class_text_inputs)
         self.step = 0
         self._original_forward = model.forward
@@ -322,6 +392,8 @@ class RANTrainingWrapper:
                 step=self.step,
                 forward=self._original_forward,
                 family=self.family,
+                pixel_layout=self.pixel_layout,
+                processor=self.processor,
             )
             self._record(output.parts)
             return output

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ran_peft.attacks import AttackBudget, attack_mode, deterministic_training_mode, pgd_perturb
+from ran_peft.pixel_layout import BatchPixelBox, ChannelsFirstLayout
 from ran_peft.pixels import PixelBox
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,7 +272,9 @@ def _attack_images(
             return (surrogate.image_embeddings(adversarial) * target).sum()
 
         with deterministic_training_mode(surrogate.model):
-            adversarial = pgd_perturb(objective, clean, PixelBox(), budget)
+            # The surrogate's own pixels: [0, 1] channel-first images, whatever layout its processor outputs.
+            box = BatchPixelBox.place(PixelBox(), {"pixel_values": clean}, ChannelsFirstLayout())
+            adversarial = pgd_perturb(objective, clean, box, budget)
         # Rounding to 8 bits can add half a level: clamp the integer difference back into the budget.
         levels = torch.round(adversarial.detach().cpu().float() * 255.0).to(torch.int16)
         levels = torch.minimum(
