@@ -308,6 +308,12 @@ class RANTrainingWrapper:
         if args:
             raise TypeError("RAN training passes the batch by keyword: call model(**batch).")
         if self.model.training and torch.is_grad_enabled():
+            # TRL's SFTTrainer asks for per-token log-probabilities (`fused_lm_head=True`) and makes its own loss.
+            fused = "fused_lm_head" in kwargs
+            if fused:
+                from ran_peft.trl import fused_lm_head_output, split_fused_request
+
+                fused, kwargs = split_fused_request(kwargs)
             output = ran_loss(
                 self.model,
                 kwargs,
@@ -318,6 +324,10 @@ class RANTrainingWrapper:
                 family=self.family,
             )
             self._record(output.parts)
+            if fused:
+                return fused_lm_head_output(
+                    output.loss, output.logits, kwargs["labels"], kwargs.get("num_items_in_batch")
+                )
             return output
         if isinstance(self.family, DualEncoderFamily) and kwargs.get("labels") is not None:
             kwargs.pop("num_items_in_batch", None)
