@@ -66,7 +66,7 @@ class RANCallback(TrainerCallback):
                 "RANCallback found no RANConfig: build the model with `get_peft_model(model, RANConfig(...))` or pass "
                 "`RANCallback(config=RANConfig(...))`."
             )
-        box = self.pixel_box or resolve_pixel_box(config, processing_class)
+        box = self.pixel_box or resolve_pixel_box(config, processing_class, model)
         self.wrapper = RANTrainingWrapper(model, config, box, self.class_text_inputs)
         self.wrapper.step = state.global_step
 

@@ -93,7 +93,9 @@ def test_sft_trainer_with_ran_config_trains_logs_parts_and_reloads_in_stock_peft
     for entry in logged:
         for part in ("ran/clean", "ran/adversarial", "ran/kl", "ran/epsilon"):
             assert part in entry, (part, entry)
-        assert entry["ran/adversarial"] != pytest.approx(entry["ran/clean"], abs=1e-6)  # the attack changed the loss
+        assert entry["ran/adversarial"] != pytest.approx(
+            entry["ran/clean"], abs=1e-6
+        )  # the attack changed the loss
         assert entry["ran/epsilon"] == pytest.approx(8 / 255)
         assert "mean_token_accuracy" in entry  # TRL's own metrics still come
     after = _adapter(trainer.model)

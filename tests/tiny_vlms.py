@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import (
     CLIPImageProcessor,
+    Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     Gemma3Processor,
@@ -18,9 +19,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    ProcessorMixin,
+    Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
-    ProcessorMixin,
     Qwen2VLProcessor,
 )
 
@@ -102,8 +104,6 @@ def gemma3():
         image_seq_length=4,
         chat_template=_template("<start_of_image>"),
     )
-    from transformers import Gemma3Config
-
     config = Gemma3Config(
         text_config=dict(
             **_WIDTH,
@@ -157,8 +157,6 @@ def qwen2_vl():
         tokenizer=tokenizer,
         chat_template=_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
-    from transformers import Qwen2VLConfig
-
     config = Qwen2VLConfig(
         text_config=dict(
             **_WIDTH,
