@@ -933,7 +933,9 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[Image.I
     except InvalidDicomError as error:
         ds = _read_without_file_meta(path)
         if ds is None:
-            raise UnreadableDicomError(f"DICOM file {str(path)!r} is not a valid DICOM file: {error}") from error
+            raise UnreadableDicomError(
+                f"DICOM file {str(path)!r} is not a valid DICOM file: {error}"
+            ) from error
     except Exception as error:  # pydicom raises many kinds on truncated or corrupt files
         raise UnreadableDicomError(
             f"DICOM file {str(path)!r} cannot be read: {type(error).__name__}: {error}"
