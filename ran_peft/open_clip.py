@@ -109,3 +109,68 @@ def unsupported_open_clip_reason(model: nn.Module) -> str | None:
             "(or `open_clip.set_model_preprocess_cfg(model, {...})`), so RAN knows its pixel normalisation."
         )
     return None
+
+
+# How open_clip names a model to load: a Hub repo (`hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`)
+# or a local folder laid out like one (`open_clip_config.json` + weights).
+OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def is_open_clip_name(name: str | None) -> bool:
+    """Whether `name` is an open_clip model name (`hf-hub:...` or `local-dir:...`)."""
+    return bool(name) and name.startswith(OPEN_CLIP_SCHEMAS)
+
+
+class OpenCLIPImageProcessor:
+    """open_clip's own preprocessing transform behind the call RAN's collators make on an image processor
+    (`processor(images=[...], return_tensors="pt")["pixel_values"]`); `image_mean`/`image_std` are the model's."""
+
+    def __init__(self, transform: Any, preprocess_cfg: Mapping[str, Any]):
+        self.transform = transform
+        self.image_mean = [float(v) for v in preprocess_cfg["mean"]]
+        self.image_std = [float(v) for v in preprocess_cfg["std"]]
+
+    def __call__(self, images: Any, return_tensors: str = "pt", **kwargs: Any) -> dict[str, torch.Tensor]:
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+
+class OpenCLIPTextTokenizer:
+    """open_clip's tokenizer behind the call RAN's collators make on a tokenizer: `input_ids` at the model's
+    context length (open_clip pads and truncates itself)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return {"input_ids": self.tokenizer(texts)}
+
+
+class OpenCLIPProcessor:
+    """An open_clip model's preprocessing and tokenizer, shaped like a transformers processor."""
+
+    def __init__(self, image_processor: OpenCLIPImageProcessor, tokenizer: OpenCLIPTextTokenizer):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+
+
+def load_open_clip(name: str) -> tuple[nn.Module, OpenCLIPProcessor]:
+    """`open_clip.create_model_and_transforms(name)` and `open_clip.get_tokenizer(name)`, as (model, processor).
+
+    `name` is what open_clip takes, e.g. `hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`. The
+    model is the bare open_clip model: `get_peft_model(model, RANConfig(...))` and stock peft reload it as it is.
+    """
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError(
+            f"{name!r} is an open_clip model: `pip install 'ran-peft[open_clip]'` (open_clip imports torchvision, "
+            "which must match your torch)."
+        ) from error
+    model, _, transform = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    processor = OpenCLIPProcessor(
+        OpenCLIPImageProcessor(transform, _preprocess_config(model)), OpenCLIPTextTokenizer(tokenizer)
+    )
+    return model, processor

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import datasets
 import pytest
@@ -21,7 +22,8 @@ from torch import nn
 from transformers import BertConfig, Trainer, TrainingArguments
 
 from ran_peft import RANCallback, RANConfig, UnsupportedModelError, detect_family
-from ran_peft.open_clip import OpenCLIPFamily, open_clip_pixel_box
+from ran_peft.open_clip import OpenCLIPFamily, load_open_clip, open_clip_pixel_box
+from ran_peft.text import build_word_tokenizer, synthetic_vocabulary
 from ran_peft.training import resolve_pixel_box
 
 try:
@@ -47,8 +49,9 @@ def _write_model_folder(folder) -> str:
     text tower (`cls_last_hidden_state_pooler`, MLP projection) from a local tiny `BertConfig`. Returns the
     `local-dir:` model name open_clip loads it by."""
     bert = folder / "tiny-bert"
+    tokenizer = build_word_tokenizer(synthetic_vocabulary(), max_length=TEXT_LENGTH)
     BertConfig(
-        vocab_size=64,
+        vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -67,7 +70,7 @@ def _write_model_folder(folder) -> str:
         },
         "text_cfg": {
             "hf_model_name": str(bert),
-            "hf_tokenizer_name": str(bert),
+            "hf_tokenizer_name": str(bert),  # a `local-dir:` model's tokenizer is read from its own folder
             "hf_model_pretrained": False,
             "hf_proj_type": "mlp",
             "hf_pooler_type": "cls_last_hidden_state_pooler",
@@ -77,6 +80,7 @@ def _write_model_folder(folder) -> str:
     preprocess_cfg = {"mean": list(MEAN), "std": list(STD)}
     model_dir = folder / "tiny-biomedclip"
     model_dir.mkdir()
+    tokenizer.save_pretrained(model_dir)  # as BiomedCLIP's Hub repo holds its tokenizer files
     (model_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
     )
@@ -290,3 +294,30 @@ def test_open_clip_like_model_without_preprocessing_config_says_what_is_missing(
         UnsupportedModelError, match=r"model\.visual\.preprocess_cfg.*open_clip\.create_model"
     ):
         detect_family(HandMadeCLIP())
+
+
+@pytest.mark.slow
+@pytest.mark.open_clip
+@pytest.mark.skipif(open_clip is None, reason=MISSING)
+def test_finetune_example_trains_an_open_clip_model_by_its_open_clip_name(tmp_path):
+    """`examples/finetune.py --model hf-hub:microsoft/BiomedCLIP-...` offline: the same loader with `local-dir:`
+    (open_clip's model, transform and tokenizer; BiomedCLIP's target modules by default)."""
+    name = _write_model_folder(tmp_path)
+    model, processor = load_open_clip(name)
+    assert processor.image_processor.image_mean == pytest.approx(MEAN)
+    assert processor.tokenizer(["a ct scan"])["input_ids"].shape == (1, TEXT_LENGTH)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(Path(__file__).parents[1] / "examples" / "finetune.py"),
+        *("--model", name, "--max-steps", "2", "--batch-size", "4", "--train-size", "8", "--eval-size", "4"),
+        *("--eval-attack-steps", "1", "--eval-epsilons", "4/255", "--no-progress", "--output-dir", str(out)),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((out / "ran_metrics.json").read_text())
+    assert set(metrics["runs"]) == {"before", "ran"}
+    assert "ran/adversarial" in metrics["train_log"][-1]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["qkv", "query", "value"]
