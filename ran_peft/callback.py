@@ -36,12 +36,13 @@ class RANCallback(TrainerCallback):
     Args:
         config: the recipe. Default: the `RANConfig` the model was made with (`get_peft_model(model, RANConfig())`).
         pixel_box: the pixel normalisation. Default: the config's `image_mean`/`image_std`, else the Trainer's
-            `processing_class` (an image processor or a multi-modal processor).
+            `processing_class` (an image processor or a multi-modal processor), else the model's own (open_clip's
+            `visual.preprocess_cfg`).
         class_text_inputs: for dual encoders trained as prompt-based classifiers, the tokenised class prompts
             (`input_ids`, `attention_mask`; one row per class, in label order).
 
     The loss parts (`ran/clean`, `ran/adversarial`, `ran/kl`, ...) are averaged between logging steps and added to
-    the Trainer's logs and `state.log_history`.
+    the Trainer's logs and `state.log_history`. It serves TRL's `SFTTrainer` too (`ran_peft/trl.py`).
     """
 
     def __init__(
