@@ -16,6 +16,7 @@ It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -424,6 +425,8 @@ def run(args: LlavaFinetuneArguments) -> dict:
     from ran_peft.hub import save_adapter
 
     config, epsilons = check_arguments(args)
+    if importlib.util.find_spec("trl") is None:
+        raise UsageError("this example trains through TRL's SFTTrainer: `pip install 'ran-peft[trl]'`.")
     train, evaluation = load_data(args)
     model, processor, source = load_model_and_processor(args)
     collator = VQACollator(processor, max_answer_tokens=args.max_answer_tokens)
