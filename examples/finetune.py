@@ -6,6 +6,7 @@ robust accuracy are measured before and after. With the network, `--model` and `
 
     python examples/finetune.py
     python examples/finetune.py --model flaviagiammarino/pubmed-clip-vit-base-patch32 --dataset owner/dataset
+    python examples/finetune.py --model hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224  # open_clip
     torchrun --nproc_per_node 2 examples/finetune.py --max-steps 4 --output-dir runs/ddp
 
 It leaves in `--output-dir`: the adapter (loads in stock PEFT), its model card (README.md), `ran_metrics.json` and
@@ -31,7 +32,11 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from ran_peft.open_clip import is_open_clip_name
+
 logger = logging.getLogger("ran_peft.finetune")
+DEFAULT_TARGET_MODULES = "q_proj,v_proj"
+OPEN_CLIP_TARGET_MODULES = "qkv,query,value"
 
 
 @dataclass
@@ -67,7 +72,11 @@ class FinetuneArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     target_modules: str = field(
-        default="q_proj,v_proj", metadata={"help": "Comma-separated LoRA target modules."}
+        default=DEFAULT_TARGET_MODULES,
+        metadata={
+            "help": f"Comma-separated LoRA target modules; for open_clip models (hf-hub:/local-dir:) the default is "
+            f"{OPEN_CLIP_TARGET_MODULES} (BiomedCLIP's timm ViT and BERT attention)."
+        },
     )
     epsilon: float = field(default=4 / 255, metadata={"help": "RAN attack budget in [0, 1] pixel units."})
     attack_steps: int = field(default=1, metadata={"help": "RAN PGD steps per batch."})
@@ -172,8 +181,23 @@ def check_arguments(args: FinetuneArguments):
     epsilons = parse_budgets(args.eval_epsilons)
     if args.push_to_hub and not args.hub_repo_id:
         raise UsageError("--push-to-hub needs --hub-repo-id owner/name.")
-    if args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
-        raise UsageError(f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name).")
+    if is_open_clip_name(args.model):
+        if (
+            args.target_modules == DEFAULT_TARGET_MODULES
+        ):  # transformers' names: open_clip towers name them otherwise
+            args.target_modules = OPEN_CLIP_TARGET_MODULES
+        folder = args.model.removeprefix("local-dir:")
+        if args.model.startswith("local-dir:") and not os.path.isdir(folder):
+            raise UsageError(f"--model={args.model!r}: no such folder {folder!r}.")
+        if not args.model.startswith("local-dir:") and not looks_like_hub_id(
+            args.model.removeprefix("hf-hub:")
+        ):
+            raise UsageError(f"--model={args.model!r} is not an open_clip Hub name (hf-hub:owner/name).")
+    elif args.model is not None and not os.path.isdir(args.model) and not looks_like_hub_id(args.model):
+        raise UsageError(
+            f"--model={args.model!r} is neither a local folder nor a Hub id (owner/name), nor an open_clip name "
+            "(hf-hub:owner/name or local-dir:folder)."
+        )
     check_output_and_quantisation(args)
     return ran_config_from_arguments(args), epsilons
 
@@ -187,9 +211,24 @@ def load_model_and_processor(args: FinetuneArguments, training_args: TrainingArg
     """The base model (optionally 4-bit) and its processor. The embedded default is built once, on rank 0 first."""
     from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig
 
+    from ran_peft.open_clip import load_open_clip
     from ran_peft.pretrain import build_default_model
 
     source = args.model
+    if is_open_clip_name(
+        source
+    ):  # BiomedCLIP and other open_clip models: open_clip's own loader and tokenizer
+        if args.load_in_4bit:
+            raise UsageError(
+                f"--model={source!r}: --load-in-4bit is for transformers models, not open_clip ones."
+            )
+        try:
+            model, processor = load_open_clip(source)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise UsageError(
+                f"--model={source!r} could not be loaded: {str(error).splitlines()[0]}"
+            ) from error
+        return model, processor, source
     if source is None:
         with training_args.main_process_first(desc="building the embedded default model"):
             source = str(build_default_model(progress=args.progress))

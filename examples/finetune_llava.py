@@ -1,5 +1,6 @@
 """Fine-tune a generative vision-language model (LLaVA-style) with RAN on visual question answering or report
-generation, through the stock `transformers.Trainer` and `RANCallback`.
+generation, through TRL's `SFTTrainer` (the way these models are fine-tuned) and `RANCallback`: the LoRA call with
+`peft_config=RANConfig(...)` for `LoraConfig(...)` and `callbacks=[RANCallback()]` added. Needs `ran-peft[trl]`.
 
 The loss is the language-model loss on the answer tokens only; RAN attacks the image and rectifies the answer's
 next-token distributions. `--tiny` runs offline on a tiny random LLaVA (built once and cached); a real model and a
@@ -19,6 +20,7 @@ import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-ke
 
 # isort: split
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -361,17 +363,74 @@ class VQACollator:
         return batch
 
 
+def sft_rows(rows):
+    """Rows (image, question, answer) in TRL's conversational prompt-completion format: the loss is on the answer."""
+
+    def convert(row: dict) -> dict:
+        question = [{"type": "image"}, {"type": "text", "text": str(row["question"])}]
+        return {
+            "prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": str(row["answer"])}]}],
+            "images": [row["image"].convert("RGB")],
+        }
+
+    return rows.map(convert, remove_columns=rows.column_names)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def train_with_sft_trainer(model, config, train, processor, settings, work_dir: Path):
+    """RAN fine-tuning with TRL's SFTTrainer: `peft_config=RANConfig(...)` and `callbacks=[RANCallback()]` are all
+    that differs from LoRA fine-tuning. Returns `(trainer, peft_model, train_seconds)`."""
+    import time
+
+    from trl import SFTConfig, SFTTrainer
+
+    from ran_peft import RANCallback
+
+    on_gpu = torch.cuda.is_available()
+    arguments = SFTConfig(
+        output_dir=str(work_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, settings.max_steps // 10),
+        logging_steps=max(1, settings.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=on_gpu
+        and torch.cuda.is_bf16_supported(),  # SFTConfig's default (bf16) fails on a CPU without it
+        max_length=None,  # never cut the image tokens
+        disable_tqdm=not settings.progress,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model,
+        args=arguments,
+        train_dataset=sft_rows(train),
+        processing_class=processor,
+        peft_config=config,
+        callbacks=[RANCallback()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, trainer.model, time.perf_counter() - start
+
+
 def run(args: LlavaFinetuneArguments) -> dict:
     from ran_peft import PixelBox
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter, train_adapter
+    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
     from ran_peft.hub import save_adapter
 
     config, epsilons = check_arguments(args)
+    if importlib.util.find_spec("trl") is None:
+        raise UsageError("this example trains through TRL's SFTTrainer: `pip install 'ran-peft[trl]'`.")
     train, evaluation = load_data(args)
     model, processor, source = load_model_and_processor(args)
     collator = VQACollator(processor, max_answer_tokens=args.max_answer_tokens)
@@ -399,8 +458,8 @@ def run(args: LlavaFinetuneArguments) -> dict:
     output = Path(args.output_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=".ran-finetune-llava-work-"))
     try:
-        trainer, ran_model, seconds = train_adapter(
-            model, config, train, collator, processor.image_processor, settings, work_dir
+        trainer, ran_model, seconds = train_with_sft_trainer(
+            model, config, train, processor, settings, work_dir
         )
         if not trainer.is_world_process_zero():
             return metrics

@@ -38,7 +38,8 @@ class RANCallback(TrainerCallback):
     Args:
         config: the recipe. Default: the `RANConfig` the model was made with (`get_peft_model(model, RANConfig())`).
         pixel_box: the pixel normalisation. Default: the config's `image_mean`/`image_std`, else the Trainer's
-            `processing_class` (an image processor or a multi-modal processor).
+            `processing_class` (an image processor or a multi-modal processor), else the model's own (open_clip's
+            `visual.preprocess_cfg`).
         class_text_inputs: for dual encoders trained as prompt-based classifiers, the tokenised class prompts
             (`input_ids`, `attention_mask`; one row per class, in label order).
         pixel_layout: where the channels and padding of `pixel_values` are (a name of
@@ -46,7 +47,7 @@ class RANCallback(TrainerCallback):
             (`"auto"`: recognised from each batch and the `processing_class`'s attributes).
 
     The loss parts (`ran/clean`, `ran/adversarial`, `ran/kl`, ...) are averaged between logging steps and added to
-    the Trainer's logs and `state.log_history`.
+    the Trainer's logs and `state.log_history`. It serves TRL's `SFTTrainer` too (`ran_peft/trl.py`).
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class RANCallback(TrainerCallback):
                 "RANCallback found no RANConfig: build the model with `get_peft_model(model, RANConfig(...))` or pass "
                 "`RANCallback(config=RANConfig(...))`."
             )
-        box = self.pixel_box or resolve_pixel_box(config, processing_class)
+        box = self.pixel_box or resolve_pixel_box(config, processing_class, model)
         explain_four_bit_cpu_path(model)
         self.wrapper = RANTrainingWrapper(
             model, config, box, self.class_text_inputs, self.pixel_layout, processor=processing_class

@@ -23,6 +23,15 @@ Forward = Callable[..., Any]
 PIXEL_RANGE_TOLERANCE = 0.1
 
 
+# What every "cannot be trained" error ends with: the families RAN recognises, and how.
+SUPPORTED_FAMILIES = (
+    "RAN supports: image classifiers (transformers `...ForImageClassification`); transformers dual encoders "
+    "(`CLIPModel`, `SiglipModel`); generative VLMs whose forward takes `pixel_values` and `labels` (LLaVA, "
+    "Gemma 3, PaliGemma, BLIP, ...); and open_clip models such as BiomedCLIP (`open_clip.create_model(...)`, "
+    "recognised by `encode_image`, `encode_text`, `logit_scale` and `model.visual.preprocess_cfg`)."
+)
+
+
 class UnsupportedModelError(TypeError):
     """The model cannot be trained with RAN; the message says what is missing."""
 
@@ -95,6 +104,9 @@ class ModelFamily:
     """A kind of model: subclasses say how one forward pass gives loss, logits and features."""
 
     name = "base"
+    # Whether evaluation and inference calls must also go through `run` (the model's forward does not take the
+    # Trainer's batch names).
+    routes_every_call = False
 
     def check_inputs(
         self,
@@ -280,13 +292,17 @@ def detect_family(
 ) -> ModelFamily:
     """Recognise the model family from the base model's forward signature and generation ability."""
     base = unwrap_model(model)
+    from ran_peft.open_clip import OpenCLIPFamily, is_open_clip_model, unsupported_open_clip_reason
+
+    if is_open_clip_model(base):
+        return OpenCLIPFamily(class_text_inputs)
     parameters = inspect.signature(base.forward).parameters
     name = type(base).__name__
     if "pixel_values" not in parameters:
-        raise UnsupportedModelError(
-            f"{name} cannot be trained with RAN: its forward takes no `pixel_values`, so there is no image to attack. "
-            "RAN needs a vision model (image classifier, dual encoder such as CLIP/SigLIP, or a generative VLM)."
+        reason = unsupported_open_clip_reason(base) or (
+            f"{name} cannot be trained with RAN: its forward takes no `pixel_values`, so there is no image to attack."
         )
+        raise UnsupportedModelError(f"{reason} {SUPPORTED_FAMILIES}")
     if "return_loss" in parameters:
         return DualEncoderFamily(class_text_inputs)
     if "labels" in parameters:
@@ -296,8 +312,7 @@ def detect_family(
         return ImageClassifierFamily()
     raise UnsupportedModelError(
         f"{name} cannot be trained with RAN: its forward returns no training loss (it takes neither `labels` nor "
-        "`return_loss`). Use a model with a head: `...ForImageClassification`, a dual encoder such as `CLIPModel`, "
-        "or a generative VLM such as `LlavaForConditionalGeneration`."
+        f"`return_loss`); use a model with a head. {SUPPORTED_FAMILIES}"
     )
 
 

@@ -51,11 +51,16 @@ class RANOutput(ModelOutput):
     adversarial_pixel_values: torch.Tensor | None = None
 
 
-def resolve_pixel_box(config: RANConfig, processor: Any = None) -> PixelBox:
-    """The pixel normalisation: the config's `image_mean`/`image_std` first, then the processor's."""
+def resolve_pixel_box(config: RANConfig, processor: Any = None, model: nn.Module | None = None) -> PixelBox:
+    """The pixel normalisation: the config's `image_mean`/`image_std` first, then the processor's, then the one
+    the model carries itself (open_clip's `visual.preprocess_cfg`)."""
     if config.image_mean is not None:
         return PixelBox(tuple(config.image_mean), tuple(config.image_std))
     box = PixelBox.from_processor(processor) if processor is not None else None
+    if box is None and model is not None:
+        from ran_peft.open_clip import open_clip_pixel_box
+
+        box = open_clip_pixel_box(model)
     if box is None:
         raise ValueError(
             "RAN needs the pixel normalisation to turn its budget from pixel units into model units: pass the "
@@ -384,6 +389,12 @@ class RANTrainingWrapper:
         if args:
             raise TypeError("RAN training passes the batch by keyword: call model(**batch).")
         if self.model.training and torch.is_grad_enabled():
+            # TRL's SFTTrainer asks for per-token log-probabilities (`fused_lm_head=True`) and makes its own loss.
+            fused = "fused_lm_head" in kwargs
+            if fused:
+                from ran_peft.trl import fused_lm_head_output, split_fused_request
+
+                fused, kwargs = split_fused_request(kwargs)
             output = ran_loss(
                 self.model,
                 kwargs,
@@ -396,8 +407,14 @@ class RANTrainingWrapper:
                 processor=self.processor,
             )
             self._record(output.parts)
+            if fused:
+                return fused_lm_head_output(
+                    output.loss, output.logits, kwargs["labels"], kwargs.get("num_items_in_batch")
+                )
             return output
-        if isinstance(self.family, DualEncoderFamily) and kwargs.get("labels") is not None:
+        if self.family.routes_every_call or (
+            isinstance(self.family, DualEncoderFamily) and kwargs.get("labels") is not None
+        ):
             kwargs.pop("num_items_in_batch", None)
             result = self.family.run(self._original_forward, kwargs, kwargs["pixel_values"])
             return RANOutput(loss=result.loss, logits=result.logits)

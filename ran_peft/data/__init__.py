@@ -10,6 +10,7 @@ from ran_peft.data.collation import (
 )
 from ran_peft.data.loaders import (
     DEFAULT_CAPTION_TEMPLATE,
+    MAX_LISTED_UNREADABLE,
     UnreadableDicomError,
     dicom_to_image,
     load_dataset_any,
@@ -30,6 +31,7 @@ from ran_peft.data.synthetic import (
 )
 
 __all__ = [
+    "MAX_LISTED_UNREADABLE",
     "ANATOMIES",
     "DEFAULT_CAPTION_TEMPLATE",
     "FINDINGS",

@@ -194,6 +194,10 @@ _PATIENT_POSITIONS = {
 }
 
 
+# How many unreadable files a folder's error lists by name (the rest are counted).
+MAX_LISTED_UNREADABLE = 10
+
+
 class UnreadableDicomError(ValueError):
     """A DICOM file that cannot be turned into an image: not DICOM, truncated, or without pixel data."""
 
@@ -261,6 +265,10 @@ def dicom_to_image(ds: Any, window: tuple[float, float] | None = None) -> Image.
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         pixels = pixels[frames // 2]
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels, samples = apply_color_lut(pixels, ds), 3  # indices -> RGB through the file's own palette
     if samples > 1:
         if pixels.dtype != np.uint8:
             pixels = _window_to_uint8(pixels.astype(np.float32), None)
@@ -277,6 +285,29 @@ def dicom_to_image(ds: Any, window: tuple[float, float] | None = None) -> Image.
     return Image.fromarray(grey).convert("RGB")
 
 
+def _read_without_file_meta(path: Path) -> Any:
+    """A file without the 'DICM' header and file meta (ACR-NEMA style, as older exports write) that still holds an
+    image, with the transfer syntax its encoding implies; None when it is not one."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
+            return None
+        implicit, little = ds.original_encoding
+    except Exception:  # garbage read by force: not an image
+        return None
+    if implicit is None:
+        return None
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
+    return ds
+
+
 def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[Image.Image, Any]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -284,7 +315,11 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[Image.I
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as error:
-        raise UnreadableDicomError(f"DICOM file {str(path)!r} is not a valid DICOM file: {error}") from error
+        ds = _read_without_file_meta(path)
+        if ds is None:
+            raise UnreadableDicomError(
+                f"DICOM file {str(path)!r} is not a valid DICOM file: {error}"
+            ) from error
     except Exception as error:  # pydicom raises many kinds on truncated or corrupt files
         raise UnreadableDicomError(
             f"DICOM file {str(path)!r} cannot be read: {type(error).__name__}: {error}"
@@ -292,7 +327,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[Image.I
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         modality = ds.get("Modality", "unknown")
         raise UnreadableDicomError(
-            f"DICOM file {str(path)!r} has no pixel data (Modality {modality}): it is not an image."
+            f"DICOM file {str(path)!r} has no pixel data (Modality {modality}): it is not an image, or its pixel data is cut short."
         )
     try:
         image = dicom_to_image(ds, window)
@@ -326,8 +361,9 @@ def load_dicom_folder(
             `info.description`) instead of raising.
 
     Raises:
-        UnreadableDicomError (a ValueError): a file is not DICOM, is truncated or holds no image, and
-            `skip_unreadable` is False. The message names the file and the reason.
+        UnreadableDicomError (a ValueError): some files are not DICOM, are truncated, hold no image or cannot
+            be decoded, and `skip_unreadable` is False. The message counts them, names each (up to 10) with
+            its reason, and points to `skip_unreadable=True`.
         ValueError: `path` is not a directory or holds no readable DICOM image.
     """
     root = _existing_directory(path, "path")
@@ -348,13 +384,15 @@ def load_dicom_folder(
         "source_path": [],
     }
     skipped: list[str] = []
+    failures: list[UnreadableDicomError] = []
     for file in files:
         relative = file.relative_to(root).as_posix()
         try:
             image, ds = _read_dicom(file, window)
         except UnreadableDicomError as error:
             if not skip_unreadable:
-                raise
+                failures.append(error)
+                continue
             logger.warning("Skipping %s: %s", relative, error)
             skipped.append(relative)
             continue
@@ -364,6 +402,16 @@ def load_dicom_folder(
         columns["modality"].append(modality)
         columns["body_part"].append(body_part)
         columns["source_path"].append(relative)
+    if failures:
+        shown = "\n".join(f"  - {error}" for error in failures[:MAX_LISTED_UNREADABLE])
+        more = len(failures) - MAX_LISTED_UNREADABLE
+        if more > 0:
+            shown += f"\n  ... and {more} more"
+        raise UnreadableDicomError(
+            f"path={str(path)!r}: {len(failures)} of {len(files)} DICOM files cannot be read as images "
+            f"({len(files) - len(failures)} can):\n{shown}\nPass `skip_unreadable=True` to load the others and "
+            "skip these (they are logged and listed in the dataset's `info.description`)."
+        )
     if skipped:
         logger.warning(
             "Skipped %d of %d DICOM files under %s as unreadable.", len(skipped), len(files), root.name
