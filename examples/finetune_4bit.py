@@ -21,11 +21,13 @@ import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-ke
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import (
+from transformers import HfArgumentParser
+
+from ran_peft.pretrain import build_tiny_clip
+from ran_peft.scripts import (
     FinetuneArguments,
     UsageError,
     check_arguments,
@@ -34,9 +36,7 @@ from finetune import (
     report_errors,
     train_measure_and_save,
 )
-from transformers import HfArgumentParser
 
-TINY_MODEL_NAME = "tiny-random-clip-v1"
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,21 +61,6 @@ class FourBitArguments:
         default=False,
         metadata={"help": "Also quantise the quantisation constants (QLoRA's double quantisation)."},
     )
-
-
-def build_tiny_clip() -> Path:
-    """A tiny random CLIP with the offline word tokenizer, built once into the cache."""
-    from transformers import CLIPModel
-
-    from ran_peft.pretrain import cache_root, is_built, offline_processor, save_built_model, small_clip_config
-
-    folder = cache_root() / TINY_MODEL_NAME
-    if is_built(folder):
-        return folder
-    processor = offline_processor(image_size=32)
-    torch.manual_seed(0)
-    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=64))
-    return save_built_model(folder, model, processor, {"model": TINY_MODEL_NAME, "seed": 0})
 
 
 def fp32_footprint(source: str) -> int:

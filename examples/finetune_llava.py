@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from finetune import (  # the sibling script's CLI helpers
+from transformers import HfArgumentParser
+
+from ran_peft.pretrain import build_tiny_llava
+from ran_peft.scripts import (
     UsageError,
     check_output_and_quantisation,
     looks_like_hub_id,
@@ -39,11 +42,9 @@ from finetune import (  # the sibling script's CLI helpers
     ran_config_from_arguments,
     report_errors,
 )
-from transformers import HfArgumentParser
 
 logger = logging.getLogger("ran_peft.finetune_llava")
 
-TINY_MODEL_NAME = "tiny-random-llava-v1"
 # The synthetic task: question -> the row column that answers it. Short answers make the exact-match accuracy
 # informative; the report question trains report generation.
 SYNTHETIC_QUESTIONS = {
@@ -157,80 +158,11 @@ def check_arguments(args: LlavaFinetuneArguments):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_tiny_llava() -> Path:
-    """A tiny random LLaVA (CLIP vision tower, Llama language model) with a real `LlavaProcessor`, built once.
-
-    The processor is a word-level tokenizer over the synthetic questions and captions with an `<image>` token, a
-    32-pixel CLIP image processor and a small chat template, so `--tiny` runs the same code path as a real model.
-    """
-    from transformers import (
-        CLIPImageProcessor,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from ran_peft.pretrain import IMAGE_MEAN, IMAGE_STD, cache_root, is_built, save_built_model
-    from ran_peft.text import build_word_tokenizer, synthetic_vocabulary
-
-    folder = cache_root() / TINY_MODEL_NAME
-    if is_built(folder):
-        return folder
-    image_size, patch_size = 32, 8
-    tokenizer = build_word_tokenizer(
-        [*synthetic_vocabulary(), "USER: ASSISTANT:", *SYNTHETIC_QUESTIONS], max_length=128
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    chat_template = (
-        "{% for message in messages %}{{ message['role'] | upper }}: {% for part in message['content'] %}"
-        "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
-        "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
-        chat_template=chat_template,
-    )
-    width = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
-    config = LlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            **width,
-            "image_size": image_size,
-            "patch_size": patch_size,
-        },
-        text_config=LlamaConfig(
-            **width,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ).to_dict(),
-        image_token_index=processor.image_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    return save_built_model(folder, model, processor, {"model": TINY_MODEL_NAME, "seed": 0})
-
-
 def load_model_and_processor(args: LlavaFinetuneArguments):
     """The base model (optionally 4-bit nf4, prepared for k-bit training), its processor and where it came from."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-    source = str(build_tiny_llava()) if args.tiny else args.model
+    source = str(build_tiny_llava(SYNTHETIC_QUESTIONS)) if args.tiny else args.model
     kwargs: dict[str, Any] = {}
     if args.load_in_4bit:
         on_gpu = torch.cuda.is_available()

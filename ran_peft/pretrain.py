@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -170,3 +171,86 @@ def save_built_model(folder: str | os.PathLike, model, processor, build_info: di
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+# Tiny random models of real architectures, for the examples' `--tiny` runs (same code path as a real model).
+TINY_CLIP_NAME = "tiny-random-clip-v1"
+TINY_LLAVA_NAME = "tiny-random-llava-v1"
+
+
+def build_tiny_clip() -> Path:
+    """A tiny random CLIP with the offline word tokenizer, built once into the cache."""
+    folder = cache_root() / TINY_CLIP_NAME
+    if is_built(folder):
+        return folder
+    processor = offline_processor(image_size=32)
+    torch.manual_seed(0)
+    model = CLIPModel(small_clip_config(processor.tokenizer, image_size=32, width=64))
+    return save_built_model(folder, model, processor, {"model": TINY_CLIP_NAME, "seed": 0})
+
+
+def build_tiny_llava(extra_words: Sequence[str] = ()) -> Path:
+    """A tiny random LLaVA (CLIP vision tower, Llama language model) with a real `LlavaProcessor`, built once.
+
+    The processor is a word-level tokenizer over the synthetic questions and captions with an `<image>` token, a
+    32-pixel CLIP image processor and a small chat template, so `--tiny` runs the same code path as a real model.
+    `extra_words`: text the tokenizer must also cover (e.g. the questions a script asks).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = cache_root() / TINY_LLAVA_NAME
+    if is_built(folder):
+        return folder
+    image_size, patch_size = 32, 8
+    tokenizer = build_word_tokenizer(
+        [*synthetic_vocabulary(), "USER: ASSISTANT:", *extra_words], max_length=128
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+    chat_template = (
+        "{% for message in messages %}{{ message['role'] | upper }}: {% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+        "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+        chat_template=chat_template,
+    )
+    width = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            **width,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config=LlamaConfig(
+            **width,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).to_dict(),
+        image_token_index=processor.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    return save_built_model(folder, model, processor, {"model": TINY_LLAVA_NAME, "seed": 0})

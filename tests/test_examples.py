@@ -179,3 +179,15 @@ def test_finetune_recipe_defaults_are_ran_configs_defaults():
         "text_epsilon",
     ]
     assert {name: script[name] for name in recipe} == {name: getattr(config, name) for name in recipe}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_each_example_runs_from_a_copy_in_an_empty_folder(tmp_path, script):
+    """Examples import ran_peft and the Hugging Face libraries only: a copy alone in a folder parses its options."""
+    copy = tmp_path / script
+    copy.write_text((ROOT / "examples" / script).read_text())
+    result = subprocess.run(
+        [sys.executable, str(copy), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout
