@@ -37,6 +37,7 @@ from ran_peft.pretrain import build_tiny_llava
 from ran_peft.scripts import (
     UsageError,
     check_output_and_quantisation,
+    experiment_settings,
     looks_like_hub_id,
     parse_budgets,
     ran_config_from_arguments,
@@ -357,7 +358,7 @@ def train_with_sft_trainer(model, config, train, processor, settings, work_dir: 
 
 def run(args: LlavaFinetuneArguments) -> dict:
     from ran_peft import PixelBox
-    from ran_peft.experiments import ExperimentSettings, evaluate_adapter
+    from ran_peft.experiments import evaluate_adapter
     from ran_peft.hub import save_adapter
 
     config, epsilons = check_arguments(args)
@@ -371,16 +372,7 @@ def run(args: LlavaFinetuneArguments) -> dict:
         raise UsageError(f"--model={source!r}: its image processor has no image_mean/image_std.")
     config.image_mean, config.image_std = list(pixel_box.mean), list(pixel_box.std)
     config.base_model_name_or_path = source
-    settings = ExperimentSettings(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        eval_epsilons=tuple(epsilons),
-        eval_attack_steps=args.eval_attack_steps,
-        eval_batch_size=args.eval_batch_size,
-        progress=args.progress,
-    )
+    settings = experiment_settings(args, epsilons)
     metrics: dict[str, Any] = {
         "task": "visual question answering: teacher-forced exact match of the whole answer",
         "runs": {"before": evaluate_adapter(model, evaluation, collator, pixel_box, settings)},

@@ -254,7 +254,6 @@ def classification_setup(args, processor, train, config, source: str, epsilons: 
     """
     from ran_peft import PixelBox
     from ran_peft.data import ImageTextCollator, tokenize_class_prompts
-    from ran_peft.experiments import ExperimentSettings
 
     label_feature = train.features["label"]
     if not hasattr(label_feature, "names"):
@@ -268,17 +267,23 @@ def classification_setup(args, processor, train, config, source: str, epsilons: 
     pixel_box = PixelBox.from_processor(processor)
     config.image_mean, config.image_std = list(pixel_box.mean), list(pixel_box.std)
     config.base_model_name_or_path = source
-    settings = ExperimentSettings(
+    return class_text_inputs, collator, pixel_box, experiment_settings(args, epsilons)
+
+
+def experiment_settings(args, epsilons: list[float]):
+    """The `ExperimentSettings` of a script's training and evaluation options (those of them it has)."""
+    from ran_peft.experiments import ExperimentSettings
+
+    names = ("eval_attack_steps", "eval_restarts", "eval_batch_size")
+    return ExperimentSettings(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
         eval_epsilons=tuple(epsilons),
-        eval_attack_steps=args.eval_attack_steps,
-        eval_restarts=args.eval_restarts,
         progress=args.progress,
+        **{name: getattr(args, name) for name in names if hasattr(args, name)},
     )
-    return class_text_inputs, collator, pixel_box, settings
 
 
 def train_measure_and_save(
