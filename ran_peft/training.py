@@ -31,7 +31,11 @@ LOSS_PARTS = ("clean", "adversarial", "kl", "consistency", "covariance", "spectr
 
 @dataclass
 class RANOutput(ModelOutput):
-    """The loss of one RAN step, its parts (detached, for logging) and the clean logits."""
+    """The loss of one RAN step, its parts (detached, for logging) and the clean logits (detached).
+
+    For generative VLMs `logits` is None when the attack runs: their `[B, T, V]` logits are not kept past the clean
+    pass (that would add one vocabulary-sized tensor to the step's peak memory); the KL keeps the answer rows only.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -103,6 +107,18 @@ def _gradient_surrogate(
     if total is None:
         return torch.zeros(())
     return total - total.detach()
+
+
+def _counted_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of the rows a logits mask counts (None: every row counts)."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _select_rows(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`logits` `[..., V]` as `[len(rows), V]` (the counted rows only); unchanged when `rows` is None."""
+    if rows is None:
+        return logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
 
 
 def ran_loss(
@@ -180,9 +196,7 @@ def ran_loss(
         with text_context(track_gradient=free):
             clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
     feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
-    if clean is None:
-        clean_logits = None
-    elif free:
+    if clean is not None and free:
         trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
         if trainable and _is_fully_sharded(model):
             raise ValueError(
@@ -202,12 +216,19 @@ def ran_loss(
         if trainable:
             loss = loss + (1 - mix) * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
         loss = loss + (1 - mix) * clean.loss.detach()
-        clean_logits = clean.logits.detach()
-    else:
+    elif clean is not None:
         loss = loss + (1 - mix) * clean.loss
-        clean_logits = clean.logits
+    # Only the KL reads the clean logits again, and only its counted rows (a generative VLM's answer tokens, a small
+    # share of its [B, T, V] logits): keep those rows and let the rest go before the adversarial pass.
+    clean_logits = kl_rows = returned_logits = None
     if clean is not None:
         parts["clean"] = clean.loss.detach()
+        kl_rows = _counted_rows(clean.logits_mask)
+        if config.kl_weight > 0 or config.attack_loss == "kl":
+            clean_logits = _select_rows(clean.logits.detach() if free else clean.logits, kl_rows)
+        if kl_rows is None:  # small logits (classes, or an in-batch similarity matrix): returned as they are
+            returned_logits = clean.logits.detach()
+        clean = None
     for name, term in feature_terms.items():
         loss = loss + share * getattr(config, f"{name}_weight") * term
         parts[name] = term.detach()
@@ -230,7 +251,11 @@ def ran_loss(
         with text_context(track_gradient=True):
             attacked = family.run(forward, inputs, adversarial_pixels)
         if config.attack_loss == "kl":
-            return rectification_kl(clean_logits.detach(), attacked.logits, attacked.logits_mask)
+            return rectification_kl(
+                clean_logits.detach(),
+                _select_rows(attacked.logits, kl_rows),
+                attacked.logits_mask if kl_rows is None else None,
+            )
         return attacked.loss
 
     attack_report = AttackReport()
@@ -257,8 +282,8 @@ def ran_loss(
     if config.kl_weight > 0:
         kl = rectification_kl(
             clean_logits,
-            adversarial.logits,
-            adversarial.logits_mask,
+            _select_rows(adversarial.logits, kl_rows),
+            adversarial.logits_mask if kl_rows is None else None,
             temperature=config.kl_temperature,
             detach_clean=free,
         )
@@ -271,8 +296,11 @@ def ran_loss(
         parts["consistency"] = term.detach()
     parts["epsilon"] = torch.tensor(epsilon)
     parts["attack_skipped"] = torch.tensor(float(attack_report.skipped))
-    logits = (clean if clean is not None else adversarial).logits.detach()
-    return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=adversarial_pixels)
+    if not needs_clean and adversarial.logits_mask is None:
+        returned_logits = adversarial.logits.detach()
+    return RANOutput(
+        loss=loss, logits=returned_logits, parts=parts, adversarial_pixel_values=adversarial_pixels
+    )
 
 
 class RANTrainingWrapper:

@@ -1,0 +1,340 @@
+"""Peak memory and step time of RAN against plain LoRA on a LLaVA-style generative VLM (random weights, built from a
+config): LoRA on the language model and the projector, vocabulary 32k, a few hundred image tokens per sequence.
+
+    python benchmarks/vlm_cost.py --out benchmarks/results/vlm_cost-cpu.json [--quick] [--device cuda]
+
+Each case (LoRA, RAN defaults, RAN with 2 attack steps) runs in a fresh process; the peak is that of the training
+steps alone (VmHWM reset after the model is built on CPU; `torch.cuda.max_memory_allocated` reset after building
+on CUDA), above what the process held just before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
+EPSILON = 4 / 255
+IMAGE_TOKEN = 31999  # the last id of the 32k vocabulary stands for "an image patch goes here"
+# LoRA on the language model's attention and the projector; the vision tower stays frozen and adapter-free.
+TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)|.*multi_modal_projector\.linear_[12]"
+
+RECIPES = {
+    "lora": dict(epsilon=0.0, kl_weight=0.0),
+    "ran": dict(),  # RANConfig's defaults
+    "ran_k2": dict(attack_steps=2),
+}
+
+
+@dataclass
+class VLMShape:
+    """The benchmark model and batch. Defaults: ~100M parameters, 512-token sequences, 256 of them image tokens."""
+
+    vocab: int = 32000
+    hidden: int = 768
+    layers: int = 6
+    heads: int = 12
+    intermediate: int = 2048
+    vision_hidden: int = 384
+    vision_layers: int = 6
+    image_size: int = 224
+    patch: int = 14
+    sequence: int = 512
+    answer_tokens: int = 128
+    batch: int = 2
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+QUICK = VLMShape(
+    hidden=128,
+    layers=2,
+    heads=4,
+    intermediate=256,
+    vision_hidden=64,
+    vision_layers=2,
+    image_size=112,
+    sequence=192,
+    answer_tokens=32,
+)
+
+
+def vlm_config(shape: VLMShape):
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        num_hidden_layers=shape.layers,
+        max_position_embeddings=max(2048, shape.sequence),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=shape.vision_hidden,
+        intermediate_size=4 * shape.vision_hidden,
+        num_attention_heads=max(1, shape.vision_hidden // 64),
+        num_hidden_layers=shape.vision_layers,
+        image_size=shape.image_size,
+        patch_size=shape.patch,
+        projection_dim=shape.vision_hidden,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # every patch token is an image token (CLS dropped)
+        projector_hidden_act="gelu",
+    )
+
+
+def make_batch(shape: VLMShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Image tokens, then prompt text, then the answer; the loss counts the answer tokens only."""
+    from ran_peft import PixelBox
+
+    if shape.image_tokens + shape.answer_tokens + 1 > shape.sequence:
+        raise ValueError(
+            f"sequence={shape.sequence} cannot hold {shape.image_tokens} image tokens and {shape.answer_tokens} "
+            "answer tokens: make it longer or the answer shorter."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    text_length = shape.sequence - shape.image_tokens
+    text = torch.randint(3, IMAGE_TOKEN, (shape.batch, text_length), generator=generator)
+    input_ids = torch.cat([torch.full((shape.batch, shape.image_tokens), IMAGE_TOKEN), text], dim=1)
+    labels = input_ids.clone()
+    labels[:, : shape.sequence - shape.answer_tokens] = -100
+    raw = torch.rand(shape.batch, 3, shape.image_size, shape.image_size, generator=generator)
+    return {
+        "pixel_values": PixelBox(MEAN, STD).from_pixels(raw),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+    }
+
+
+def build(recipe: str, shape: VLMShape, device: str, seed: int = 0):
+    from peft import get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from ran_peft import RANConfig
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(vlm_config(shape)).to(device)
+    config = RANConfig(r=8, target_modules=TARGET_MODULES, **{"epsilon": EPSILON, **RECIPES[recipe]})
+    return get_peft_model(model, config), config
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory of what runs between `start()` and `peak_mib()`, above what was held at `start()`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.before = 0
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return
+        with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+            handle.write("5")
+        self.before = _status_kib("VmRSS:") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        return (_status_kib("VmHWM:") * 1024 - self.before) / 2**20
+
+    @property
+    def method(self) -> str:
+        if self.device.startswith("cuda"):
+            return "torch.cuda.max_memory_allocated during the steps minus memory_allocated before them"
+        return "VmHWM during the steps (reset through /proc/self/clear_refs) minus VmRSS before them"
+
+
+def run_case(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str) -> dict:
+    """Build the model, then time `warmup + steps` RAN steps and measure their peak memory (this process)."""
+    from ran_peft import PixelBox, detect_family, ran_loss
+
+    model, config = build(recipe, shape, device)
+    batch = {key: value.to(device) for key, value in make_batch(shape).items()}
+    box = PixelBox(MEAN, STD)
+    family = detect_family(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    memory = PeakMemory(device)
+    memory.start()
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        ran_loss(model, batch, config, pixel_box=box, family=family).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "peak_mib": memory.peak_mib(),
+        "step_seconds": times[warmup:],
+        "warmup_seconds": times[:warmup],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "memory_method": memory.method,
+    }
+
+
+def run_in_fresh_process(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str) -> dict:
+    arguments = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        recipe,
+        "--shape",
+        json.dumps(asdict(shape)),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--device",
+        device,
+    ]
+    done = subprocess.run(arguments, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"case {recipe} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, log=print) -> dict:
+    """Every case in its own fresh process, the cases interleaved over `rounds` rounds; JSON-ready results.
+
+    Step time: the median over all timed steps of all rounds. Peak memory: the largest of the rounds.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    for round_index in range(rounds):
+        for name in RECIPES:
+            result = run_in_fresh_process(name, shape, steps, warmup, device)
+            runs[name].append(result)
+            log(
+                f"round {round_index + 1}/{rounds} {name:>7}: peak {result['peak_mib']:8.1f} MiB, median step "
+                f"{statistics.median(result['step_seconds']):7.2f} s",
+                flush=True,
+            )
+    peak = {name: max(run["peak_mib"] for run in results) for name, results in runs.items()}
+    median = {
+        name: statistics.median(t for run in results for t in run["step_seconds"])
+        for name, results in runs.items()
+    }
+    first = runs["lora"][0]
+    return {
+        "vlm_ran_over_lora_peak_memory_ratio": peak["ran"] / peak["lora"],
+        "vlm_ran_over_lora_step_ratio": median["ran"] / median["lora"],
+        "vlm_ran_k2_over_lora_peak_memory_ratio": peak["ran_k2"] / peak["lora"],
+        "vlm_ran_k2_over_lora_step_ratio": median["ran_k2"] / median["lora"],
+        "peak_mib": peak,
+        "step_seconds_median": median,
+        "runs": runs,
+        "model": {
+            **asdict(shape),
+            "image_tokens": shape.image_tokens,
+            "parameters": first["parameters"],
+            "trainable_parameters": first["trainable_parameters"],
+            "lora_rank": 8,
+            "target_modules": TARGET_MODULES,
+            "dtype": "float32",
+        },
+        "protocol": {
+            "device": device,
+            "rounds": rounds,
+            "warmup_steps": warmup,
+            "timed_steps_per_round": steps,
+            "memory_method": first["memory_method"],
+            "note": "each case in a fresh process (model built, then the steps alone measured); cases interleaved "
+            "round by round; step = ran_loss + backward + AdamW step on one fixed batch",
+        },
+        "recipes": {name: {**_recipe_dict(), **recipe} for name, recipe in RECIPES.items()},
+        "goals": {"peak_memory_ratio_at_most": 1.15, "step_ratio_at_most": 2.1},
+    }
+
+
+def _recipe_dict() -> dict:
+    from ran_peft import RANConfig
+
+    return RANConfig(epsilon=EPSILON).recipe_dict()
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="a small model and few steps (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per case and round")
+    parser.add_argument("--rounds", type=int, default=1, help="how many times every case runs, interleaved")
+    parser.add_argument("--child", choices=sorted(RECIPES), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        shape = VLMShape(**json.loads(args.shape))
+        print(json.dumps(run_case(args.child, shape, args.steps, args.warmup, args.device)))
+        return
+    if not args.out:
+        parser.error("--out is required")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but torch sees no CUDA device")
+    shape = QUICK if args.quick else VLMShape()
+    started = time.perf_counter()
+    results = {"machine": machine(), **measure(shape, args.steps, args.warmup, args.rounds, args.device)}
+    results["wall_seconds"] = time.perf_counter() - started
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("ratio")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
