@@ -27,7 +27,6 @@ import torch  # noqa: E402
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 EPSILON = 4 / 255
-IMAGE_TOKEN = 31999  # the last id of the 32k vocabulary stands for "an image patch goes here"
 # LoRA on the language model's attention and the projector; the vision tower stays frozen and adapter-free.
 TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)|.*multi_modal_projector\.linear_[12]"
 
@@ -58,6 +57,11 @@ class VLMShape:
     @property
     def image_tokens(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        """The vocabulary's last id stands for "an image patch goes here"."""
+        return self.vocab - 1
 
 
 QUICK = VLMShape(
@@ -101,7 +105,7 @@ def vlm_config(shape: VLMShape):
     return LlavaConfig(
         vision_config=vision,
         text_config=text.to_dict(),
-        image_token_index=IMAGE_TOKEN,
+        image_token_index=shape.image_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",  # every patch token is an image token (CLS dropped)
         projector_hidden_act="gelu",
@@ -119,8 +123,8 @@ def make_batch(shape: VLMShape, seed: int = 0) -> dict[str, torch.Tensor]:
         )
     generator = torch.Generator().manual_seed(seed)
     text_length = shape.sequence - shape.image_tokens
-    text = torch.randint(3, IMAGE_TOKEN, (shape.batch, text_length), generator=generator)
-    input_ids = torch.cat([torch.full((shape.batch, shape.image_tokens), IMAGE_TOKEN), text], dim=1)
+    text = torch.randint(3, shape.image_token_id, (shape.batch, text_length), generator=generator)
+    input_ids = torch.cat([torch.full((shape.batch, shape.image_tokens), shape.image_token_id), text], dim=1)
     labels = input_ids.clone()
     labels[:, : shape.sequence - shape.answer_tokens] = -100
     raw = torch.rand(shape.batch, 3, shape.image_size, shape.image_size, generator=generator)
@@ -132,14 +136,29 @@ def make_batch(shape: VLMShape, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def build(recipe: str, shape: VLMShape, device: str, seed: int = 0):
-    from peft import get_peft_model
-    from transformers import LlavaForConditionalGeneration
+def build(
+    recipe: str, shape: VLMShape, device: str, seed: int = 0, load_from: str | None = None, four_bit=False
+):
+    """The model with the recipe's adapter: from the config (random weights), or loaded from a saved folder, in
+    4-bit NF4 through bitsandbytes with `four_bit` (float32 compute, so that only the weight storage differs)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
 
     from ran_peft import RANConfig
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(vlm_config(shape)).to(device)
+    if four_bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = LlavaForConditionalGeneration.from_pretrained(
+            load_from, quantization_config=quantization, device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif load_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(load_from).to(device)
+    else:
+        model = LlavaForConditionalGeneration(vlm_config(shape)).to(device)
     config = RANConfig(r=8, target_modules=TARGET_MODULES, **{"epsilon": EPSILON, **RECIPES[recipe]})
     return get_peft_model(model, config), config
 
@@ -182,11 +201,13 @@ class PeakMemory:
         return "VmHWM during the steps (reset through /proc/self/clear_refs) minus VmRSS before them"
 
 
-def run_case(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str) -> dict:
+def run_case(
+    recipe: str, shape: VLMShape, steps: int, warmup: int, device: str, load_from=None, four_bit=False
+) -> dict:
     """Build the model, then time `warmup + steps` RAN steps and measure their peak memory (this process)."""
     from ran_peft import PixelBox, detect_family, ran_loss
 
-    model, config = build(recipe, shape, device)
+    model, config = build(recipe, shape, device, load_from=load_from, four_bit=four_bit)
     batch = {key: value.to(device) for key, value in make_batch(shape).items()}
     box = PixelBox(MEAN, STD)
     family = detect_family(model)
@@ -205,6 +226,7 @@ def run_case(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str)
         times.append(time.perf_counter() - start)
     return {
         "peak_mib": memory.peak_mib(),
+        "held_before_steps_mib": memory.before / 2**20,
         "step_seconds": times[warmup:],
         "warmup_seconds": times[:warmup],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -213,7 +235,16 @@ def run_case(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str)
     }
 
 
-def run_in_fresh_process(recipe: str, shape: VLMShape, steps: int, warmup: int, device: str) -> dict:
+def run_in_fresh_process(
+    recipe: str,
+    shape: VLMShape,
+    steps: int,
+    warmup: int,
+    device: str,
+    load_from=None,
+    four_bit=False,
+    env=None,
+) -> dict:
     arguments = [
         sys.executable,
         os.path.abspath(__file__),
@@ -228,13 +259,49 @@ def run_in_fresh_process(recipe: str, shape: VLMShape, steps: int, warmup: int, 
         "--device",
         device,
     ]
-    done = subprocess.run(arguments, capture_output=True, text=True, check=False)
+    arguments += ["--load-from", load_from] if load_from else []
+    arguments += ["--four-bit"] if four_bit else []
+    done = subprocess.run(
+        arguments, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
     if done.returncode != 0:
         raise RuntimeError(f"case {recipe} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, log=print) -> dict:
+def measure_four_bit(shape: VLMShape, steps: int, warmup: int, device: str, log=print) -> dict:
+    """Peak memory of RAN steps (defaults) with the model's weights in 4-bit NF4 against float32 (fresh processes).
+
+    Both load the same saved random weights. `..._with_weights` also counts what the loaded model holds."""
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(vlm_config(shape)).save_pretrained(folder)
+        runs = {
+            name: run_in_fresh_process(
+                "ran", shape, steps, warmup, device, load_from=folder, four_bit=four_bit
+            )
+            for name, four_bit in (("fp32", False), ("nf4", True))
+        }
+    for name, run in runs.items():
+        log(
+            f"{name:>5}: steps' peak {run['peak_mib']:8.1f} MiB, held before {run['held_before_steps_mib']:8.1f} MiB"
+        )
+    with_weights = {name: run["peak_mib"] + run["held_before_steps_mib"] for name, run in runs.items()}
+    return {
+        "qlora4bit_over_fp32_memory_ratio": with_weights["nf4"] / with_weights["fp32"],
+        "qlora4bit_over_fp32_steps_peak_ratio": runs["nf4"]["peak_mib"] / runs["fp32"]["peak_mib"],
+        "peak_with_weights_mib": with_weights,
+        "runs": runs,
+        "method": "RAN defaults, fresh process per case; with weights = what the process held before the steps "
+        "(weights, adapter, batch) + the steps' peak above it; NF4 through bitsandbytes with float32 compute",
+    }
+
+
+def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, log=print, env=None) -> dict:
     """Every case in its own fresh process, the cases interleaved over `rounds` rounds; JSON-ready results.
 
     Step time: the median over all timed steps of all rounds. Peak memory: the largest of the rounds.
@@ -242,7 +309,7 @@ def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, 
     runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
     for round_index in range(rounds):
         for name in RECIPES:
-            result = run_in_fresh_process(name, shape, steps, warmup, device)
+            result = run_in_fresh_process(name, shape, steps, warmup, device, env=env)
             runs[name].append(result)
             log(
                 f"round {round_index + 1}/{rounds} {name:>7}: peak {result['peak_mib']:8.1f} MiB, median step "
@@ -316,12 +383,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per case and round")
     parser.add_argument("--rounds", type=int, default=1, help="how many times every case runs, interleaved")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="CPU: set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the cases' processes, so that freed tensors above "
+        "it go back to the system at once and the RSS peak follows live tensors rather than malloc's caching",
+    )
     parser.add_argument("--child", choices=sorted(RECIPES), help=argparse.SUPPRESS)
+    parser.add_argument("--load-from", help=argparse.SUPPRESS)
+    parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         shape = VLMShape(**json.loads(args.shape))
-        print(json.dumps(run_case(args.child, shape, args.steps, args.warmup, args.device)))
+        print(
+            json.dumps(
+                run_case(
+                    args.child, shape, args.steps, args.warmup, args.device, args.load_from, args.four_bit
+                )
+            )
+        )
         return
     if not args.out:
         parser.error("--out is required")
@@ -329,7 +411,14 @@ def main() -> None:
         parser.error(f"--device {args.device} but torch sees no CUDA device")
     shape = QUICK if args.quick else VLMShape()
     started = time.perf_counter()
-    results = {"machine": machine(), **measure(shape, args.steps, args.warmup, args.rounds, args.device)}
+    env = {}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    results = {
+        "machine": machine(),
+        **measure(shape, args.steps, args.warmup, args.rounds, args.device, env=env),
+    }
+    results["protocol"]["child_environment"] = env
     results["wall_seconds"] = time.perf_counter() - started
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2, sort_keys=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -196,6 +196,17 @@ def ran_loss(
         with text_context(track_gradient=free):
             clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
     feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
+    # Only the KL reads the clean logits again, and only its counted rows (a generative VLM's answer tokens, a small
+    # share of its [B, T, V] logits): keep those rows and let the rest go before the clean backward (the loss's
+    # graph does not hold the logits themselves) and the adversarial pass.
+    clean_logits = kl_rows = returned_logits = None
+    if clean is not None:
+        kl_rows = _counted_rows(clean.logits_mask)
+        if config.kl_weight > 0 or config.attack_loss == "kl":
+            clean_logits = _select_rows(clean.logits.detach() if free else clean.logits, kl_rows)
+        if kl_rows is None:  # small logits (classes, or an in-batch similarity matrix): returned as they are
+            returned_logits = clean.logits.detach()
+        clean = replace(clean, logits=None)
     if clean is not None and free:
         trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
         if trainable and _is_fully_sharded(model):
@@ -218,16 +229,8 @@ def ran_loss(
         loss = loss + (1 - mix) * clean.loss.detach()
     elif clean is not None:
         loss = loss + (1 - mix) * clean.loss
-    # Only the KL reads the clean logits again, and only its counted rows (a generative VLM's answer tokens, a small
-    # share of its [B, T, V] logits): keep those rows and let the rest go before the adversarial pass.
-    clean_logits = kl_rows = returned_logits = None
     if clean is not None:
         parts["clean"] = clean.loss.detach()
-        kl_rows = _counted_rows(clean.logits_mask)
-        if config.kl_weight > 0 or config.attack_loss == "kl":
-            clean_logits = _select_rows(clean.logits.detach() if free else clean.logits, kl_rows)
-        if kl_rows is None:  # small logits (classes, or an in-batch similarity matrix): returned as they are
-            returned_logits = clean.logits.detach()
         clean = None
     for name, term in feature_terms.items():
         loss = loss + share * getattr(config, f"{name}_weight") * term
