@@ -121,6 +121,34 @@ def _select_rows(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tenso
     return logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
 
 
+class _RowsWithSparseGradient(torch.autograd.Function):
+    """`logits` `[..., V]` -> the rows `rows` (flat indices, sorted) as `[len(rows), V]`, whose gradient goes back as a
+    sparse tensor holding only those rows.
+
+    Use it only on logits that also get a dense gradient from elsewhere (the model's own task loss): autograd then adds
+    the sparse rows in place into that gradient, where `index_select`'s backward would allocate one more dense
+    `[..., V]` buffer (on a generative VLM, as large as the logits). Alone, the sparse gradient could not flow back.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(rows)
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        shape = ctx.logits_shape
+        indices = (
+            torch.stack(torch.unravel_index(rows, shape[:-1])) if len(shape) > 1 else rows.new_empty(0, 0)
+        )
+        sparse = torch.sparse_coo_tensor(
+            indices, grad.contiguous(), size=shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None
+
+
 def ran_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -283,9 +311,15 @@ def ran_loss(
         loss = loss + mix * adversarial.loss
     parts["adversarial"] = adversarial.loss.detach()
     if config.kl_weight > 0:
+        if kl_rows is not None and mix > 0 and adversarial.loss.requires_grad:
+            # The adversarial task loss sends a dense gradient to these logits: the KL's rows join it in place.
+            rows = kl_rows.to(adversarial.logits.device)
+            adversarial_rows = _RowsWithSparseGradient.apply(adversarial.logits, rows)
+        else:
+            adversarial_rows = _select_rows(adversarial.logits, kl_rows)
         kl = rectification_kl(
             clean_logits,
-            _select_rows(adversarial.logits, kl_rows),
+            adversarial_rows,
             adversarial.logits_mask if kl_rows is None else None,
             temperature=config.kl_temperature,
             detach_clean=free,

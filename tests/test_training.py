@@ -90,11 +90,12 @@ def test_free_start_gives_exactly_the_gradient_of_the_written_loss():
             torch.testing.assert_close(ran_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_generative_kl_on_answer_rows_gives_the_gradient_of_the_written_loss():
+@pytest.mark.parametrize("mix", [0.3, 0.0])  # 0.3: the KL's rows join the task loss's gradient (sparse); 0: alone
+def test_generative_kl_on_answer_rows_gives_the_gradient_of_the_written_loss(mix):
     """RAN keeps only the answer rows of a generative VLM's logits for the KL: the loss and its gradient must be
     those of the recipe's loss with the KL over the whole masked [B, T, V] logits."""
     case = tm.llava()  # no dropout: two passes over the same pixels give the same graph
-    model, config = _peft(case, adversarial_weight=0.3, kl_weight=2.0, free_start=True)
+    model, config = _peft(case, adversarial_weight=mix, kl_weight=2.0, free_start=True)
     model.train()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -111,7 +112,7 @@ def test_generative_kl_on_answer_rows_gives_the_gradient_of_the_written_loss():
     adversarial = family.run(model, case.batch, output.adversarial_pixel_values)
     assert 0 < int(clean.logits_mask.sum()) < clean.logits_mask.numel()
     kl = rectification_kl_reference(clean.logits.detach(), adversarial.logits, adversarial.logits_mask)
-    reference = 0.7 * clean.loss + 0.3 * adversarial.loss + 2.0 * kl
+    reference = (1 - mix) * clean.loss + mix * adversarial.loss + 2.0 * kl
     assert output.parts["kl"].item() == pytest.approx(kl.item(), abs=1e-6)
     assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
     reference.backward()
