@@ -74,7 +74,9 @@ def test_gpu_check_kernel_checks_pass_on_the_kernels_and_fail_on_a_wrong_one():
 def _load_vlm_cost():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ran_benchmark_vlm_cost", ROOT / "benchmarks" / "vlm_cost.py")
+    spec = importlib.util.spec_from_file_location(
+        "ran_benchmark_vlm_cost", ROOT / "benchmarks" / "vlm_cost.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

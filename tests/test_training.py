@@ -90,7 +90,8 @@ def test_free_start_gives_exactly_the_gradient_of_the_written_loss():
             torch.testing.assert_close(ran_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mix", [0.3, 0.0])  # 0.3: the KL's rows join the task loss's gradient (sparse); 0: alone
+# mix 0.3: the KL's rows join the task loss's dense gradient (sent back sparse); mix 0: the KL's gradient alone.
+@pytest.mark.parametrize("mix", [0.3, 0.0])
 def test_generative_kl_on_answer_rows_gives_the_gradient_of_the_written_loss(mix):
     """RAN keeps only the answer rows of a generative VLM's logits for the KL: the loss and its gradient must be
     those of the recipe's loss with the KL over the whole masked [B, T, V] logits."""
