@@ -36,16 +36,18 @@ class StepClock(RANCallback):
     log: list[dict[str, Any]] = []  # one record per training run, appended by on_train_begin
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.record = {"train_begin": time.perf_counter(), "step_begin": [], "step_end": []}
+        self.record = {"train_begin": time.perf_counter(), "step_begin": [], "step_end": [], "cpu": []}
         StepClock.log.append(self.record)
         return super().on_train_begin(args, state, control, **kwargs)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.record["step_begin"].append(time.perf_counter())
+        self.cpu_begin = time.process_time()
         return super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.record["step_end"].append(time.perf_counter())
+        self.record["cpu"].append(time.process_time() - self.cpu_begin)
         return super().on_step_end(args, state, control, **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -89,7 +91,7 @@ def time_one_run(setup: dict, name: str) -> dict[str, Any]:
     torch.manual_seed(setup["settings"].seed)
     model = setup["load"]()
     with tempfile.TemporaryDirectory() as work_dir:
-        called = time.perf_counter()
+        called, cpu_called = time.perf_counter(), time.process_time()
         _, _, train_seconds = train_adapter(
             model,
             setup["configs"][name],
@@ -100,7 +102,7 @@ def time_one_run(setup: dict, name: str) -> dict[str, Any]:
             work_dir,
             class_text_inputs=setup["class_text_inputs"],
         )
-        returned = time.perf_counter()
+        returned, cpu_returned = time.perf_counter(), time.process_time()
     clock = StepClock.log[-1]
     begins, ends = clock["step_begin"], clock["step_end"]
     steps = [end - begin for begin, end in zip(begins, ends, strict=True)]
@@ -116,6 +118,8 @@ def time_one_run(setup: dict, name: str) -> dict[str, Any]:
         "step_seconds_median_after_first": statistics.median(steps[1:]),
         "between_steps_seconds_median": statistics.median(gaps) if gaps else 0.0,
         "step_seconds": steps,
+        "step_cpu_seconds": clock["cpu"],
+        "train_cpu_seconds": cpu_returned - cpu_called,
     }
 
 
@@ -128,6 +132,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     end_to_end = total("ran", "train_seconds") / total("lora", "train_seconds")
     median = median_step("ran") / median_step("lora")
+    cpu_end_to_end = total("ran", "train_cpu_seconds") / total("lora", "train_cpu_seconds")
+    cpu_median = statistics.median(
+        t for run in runs["ran"] for t in run["step_cpu_seconds"]
+    ) / statistics.median(t for run in runs["lora"] for t in run["step_cpu_seconds"])
     parts = (
         "before_first_step_seconds",
         "first_step_seconds",
@@ -142,6 +150,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "ran_over_lora_steps_total_ratio": total("ran", "steps_seconds_total")
         / total("lora", "steps_seconds_total"),
         "seconds_by_part": {name: {part: total(name, part) for part in parts} for name in runs},
+        "cpu_time": {  # process CPU time (all threads): less sensitive to what else runs on a shared machine
+            "ran_over_lora_end_to_end_train_ratio": cpu_end_to_end,
+            "ran_over_lora_median_step_ratio": cpu_median,
+            "end_to_end_over_median_step_ratio": cpu_end_to_end / cpu_median,
+        },
     }
 
 

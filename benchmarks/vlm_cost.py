@@ -218,7 +218,10 @@ def peak_allocated_mib_on_cpu(step) -> float | None:
         _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     except (AttributeError, TypeError):
         return None
-    return max((sum(size) for size in sizes), default=0) / 2**20
+    if not sizes:
+        return 0.0
+    # The first point holds what existed before the step (weights, batch): the peak is counted above it.
+    return (max(sum(size) for size in sizes) - sum(sizes[0])) / 2**20
 
 
 def run_case(
@@ -396,8 +399,8 @@ def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, 
             "timed_steps_per_round": steps,
             "memory_method": first["memory_method"],
             "allocated_method": "CPU only: one extra untimed step under torch.profiler(profile_memory=True); the peak of "
-            "its memory timeline (tensors allocated during the step, as torch.cuda.max_memory_allocated counts them), "
-            "which malloc's caching of freed blocks does not inflate",
+            "its memory timeline above its first point (tensors allocated during the step, as "
+            "torch.cuda.max_memory_allocated counts them), which malloc's caching of freed blocks does not inflate",
             "note": "each case in a fresh process (model built, then the steps alone measured); cases interleaved "
             "round by round; step = ran_loss + backward + AdamW step on one fixed batch. Step time is wall time; "
             "the CPU-time ratio (process_time, all threads) is given beside it because on a shared machine the "

@@ -140,9 +140,7 @@ class _RowsWithSparseGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (rows,) = ctx.saved_tensors
         shape = ctx.logits_shape
-        indices = (
-            torch.stack(torch.unravel_index(rows, shape[:-1])) if len(shape) > 1 else rows.new_empty(0, 0)
-        )
+        indices = torch.stack(torch.unravel_index(rows, shape[:-1]))  # sorted rows: already coalesced
         sparse = torch.sparse_coo_tensor(
             indices, grad.contiguous(), size=shape, is_coalesced=True, check_invariants=False
         )
