@@ -92,7 +92,7 @@ def _kl_and_grads_torch(clean, adv, mask, temperature, want_clean_grad, want_adv
     per_row = torch.zeros(n_rows, device=adv.device, dtype=dtype)
     grad_clean = torch.empty_like(clean) if want_clean_grad else None
     grad_adv = torch.empty_like(adv) if want_adv_grad else None
-    rows_per_block = min(n_rows, max(1, _BLOCK_ELEMENTS // max(vocab, 1)))
+    rows_per_block = max(1, min(n_rows, _BLOCK_ELEMENTS // max(vocab, 1)))
     workspace = torch.empty(4, rows_per_block, vocab, device=adv.device, dtype=dtype)
 
     for start in range(0, n_rows, rows_per_block):

@@ -8,7 +8,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,12 +43,19 @@ LOSS_PARTS = ("clean", "adversarial", "kl", "consistency", "covariance", "spectr
 
 @dataclass
 class RANOutput(ModelOutput):
-    """The loss of one RAN step, its parts (detached, for logging) and the clean logits."""
+    """The loss of one RAN step, its parts (detached, for logging) and the clean logits (detached).
+
+    For generative VLMs `logits` is None when the attack runs: their `[B, T, V]` logits are not kept past the clean
+    pass (that would add one vocabulary-sized tensor to the step's peak memory); the KL keeps the answer rows only.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     parts: dict[str, torch.Tensor] | None = None
     adversarial_pixel_values: torch.Tensor | None = None
+    counted_logits: torch.Tensor | None = None
+    """Generative VLMs: the clean logits of the counted (answer) positions only, `[rows, V]` in row-major order of
+    the family's `logits_mask` (detached); what TRL's per-token metrics read."""
 
 
 def resolve_pixel_box(config: RANConfig, processor: Any = None, model: nn.Module | None = None) -> PixelBox:
@@ -167,6 +174,44 @@ def _gradient_surrogate(
     return total - total.detach()
 
 
+def _counted_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of the rows a logits mask counts (None: every row counts)."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _select_rows(logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`logits` `[..., V]` as `[len(rows), V]` (the counted rows only); unchanged when `rows` is None."""
+    if rows is None:
+        return logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
+
+
+class _RowsWithSparseGradient(torch.autograd.Function):
+    """`logits` `[..., V]` -> the rows `rows` (flat indices, sorted) as `[len(rows), V]`, whose gradient goes back as a
+    sparse tensor holding only those rows.
+
+    Use it only on logits that also get a dense gradient from elsewhere (the model's own task loss): autograd then adds
+    the sparse rows in place into that gradient, where `index_select`'s backward would allocate one more dense
+    `[..., V]` buffer (on a generative VLM, as large as the logits). Alone, the sparse gradient could not flow back.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(rows)
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        shape = ctx.logits_shape
+        indices = torch.stack(torch.unravel_index(rows, shape[:-1]))  # sorted rows: already coalesced
+        sparse = torch.sparse_coo_tensor(
+            indices, grad.contiguous(), size=shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None
+
+
 def ran_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -248,9 +293,24 @@ def ran_loss(
             clean = family.run(forward, inputs, clean_pixels, want_features=wants_features, extra=extra)
         _require_logits(model, config, clean)
     feature_terms = _feature_terms(config, clean.features) if clean is not None else {}
-    if clean is None:
-        clean_logits = None
-    elif free:
+    # Only the KL reads the clean logits again, and only its counted rows (a generative VLM's answer tokens, a small
+    # share of its [B, T, V] logits): keep those rows and let the rest go before the clean backward (the loss's
+    # graph does not hold the logits themselves) and the adversarial pass.
+    clean_logits = kl_rows = returned_logits = counted_logits = None
+    if clean is not None:
+        kl_rows = _counted_rows(clean.logits_mask)
+        if config.kl_weight > 0 or config.attack_loss == "kl":
+            clean_logits = _select_rows(clean.logits.detach() if free else clean.logits, kl_rows)
+        if kl_rows is None and clean.logits is not None:  # small logits (classes, or an in-batch similarity
+            returned_logits = clean.logits.detach()  # matrix): returned as they are
+        elif kl_rows is not None:
+            counted_logits = (
+                clean_logits.detach()
+                if clean_logits is not None
+                else _select_rows(clean.logits.detach(), kl_rows)
+            )
+        clean = replace(clean, logits=None)
+    if clean is not None and free:
         trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
         if trainable and _is_fully_sharded(model):
             raise ValueError(
@@ -270,12 +330,11 @@ def ran_loss(
         if trainable:
             loss = loss + (1 - mix) * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
         loss = loss + (1 - mix) * clean.loss.detach()
-        clean_logits = clean.logits.detach() if clean.logits is not None else None
-    else:
+    elif clean is not None:
         loss = loss + (1 - mix) * clean.loss
-        clean_logits = clean.logits
     if clean is not None:
         parts["clean"] = clean.loss.detach()
+        clean = None
     for name, term in feature_terms.items():
         loss = loss + share * getattr(config, f"{name}_weight") * term
         parts[name] = term.detach()
@@ -298,7 +357,11 @@ def ran_loss(
         with text_context(track_gradient=True):
             attacked = family.run(forward, inputs, adversarial_pixels)
         if config.attack_loss == "kl":
-            return rectification_kl(clean_logits.detach(), attacked.logits, attacked.logits_mask)
+            return rectification_kl(
+                clean_logits.detach(),
+                _select_rows(attacked.logits, kl_rows),
+                attacked.logits_mask if kl_rows is None else None,
+            )
         return attacked.loss
 
     attack_report = AttackReport()
@@ -331,10 +394,16 @@ def ran_loss(
         loss = loss + mix * adversarial.loss
     parts["adversarial"] = adversarial.loss.detach()
     if config.kl_weight > 0:
+        if kl_rows is not None and mix > 0 and adversarial.loss.requires_grad:
+            # The adversarial task loss sends a dense gradient to these logits: the KL's rows join it in place.
+            rows = kl_rows.to(adversarial.logits.device)
+            adversarial_rows = _RowsWithSparseGradient.apply(adversarial.logits, rows)
+        else:
+            adversarial_rows = _select_rows(adversarial.logits, kl_rows)
         kl = rectification_kl(
             clean_logits,
-            adversarial.logits,
-            adversarial.logits_mask,
+            adversarial_rows,
+            adversarial.logits_mask if kl_rows is None else None,
             temperature=config.kl_temperature,
             detach_clean=free,
         )
@@ -347,9 +416,18 @@ def ran_loss(
         parts["consistency"] = term.detach()
     parts["epsilon"] = torch.tensor(epsilon)
     parts["attack_skipped"] = torch.tensor(float(attack_report.skipped))
-    logits = (clean if clean is not None else adversarial).logits
-    logits = logits.detach() if logits is not None else None
-    return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=adversarial_pixels)
+    if not needs_clean and adversarial.logits is not None:
+        if adversarial.logits_mask is None:
+            returned_logits = adversarial.logits.detach()
+        else:
+            counted_logits = _select_rows(adversarial.logits.detach(), _counted_rows(adversarial.logits_mask))
+    return RANOutput(
+        loss=loss,
+        logits=returned_logits,
+        parts=parts,
+        adversarial_pixel_values=adversarial_pixels,
+        counted_logits=counted_logits,
+    )
 
 
 class RANTrainingWrapper:
@@ -409,7 +487,7 @@ class RANTrainingWrapper:
             self._record(output.parts)
             if fused:
                 return fused_lm_head_output(
-                    output.loss, output.logits, kwargs["labels"], kwargs.get("num_items_in_batch")
+                    output.loss, output, kwargs["labels"], kwargs.get("num_items_in_batch")
                 )
             return output
         if self.family.routes_every_call or (

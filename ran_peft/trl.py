@@ -45,7 +45,7 @@ def check_trl_version(installed: str | None = None) -> str:
 
 def fused_lm_head_output(
     loss: torch.Tensor,
-    logits: torch.Tensor,
+    logits: torch.Tensor | Any,
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> Any:
@@ -54,24 +54,37 @@ def fused_lm_head_output(
     TRL's SFTTrainer computes `-log_probs.sum() / num_items_in_batch` (or over `label_mask.sum()` without it).
     `loss` is RAN's loss normalised by `num_items_in_batch` when given, else a mean over this batch's label tokens;
     every label token gets an equal share of it, so TRL's division gives back exactly the loss the stock Trainer
-    trains on. `entropy` and `is_top1` (TRL's logged metrics) come from the clean `logits`.
+    trains on. `entropy` and `is_top1` (TRL's logged metrics) come from the clean logits: `logits` is either the
+    full `[B, T, V]` tensor or a `RANOutput`, whose `counted_logits` hold just the label positions' rows (RAN does
+    not keep a generative VLM's whole logits past the clean pass).
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
-    labels = labels.to(logits.device)
+    labels = labels.to(loss.device)
     mask = labels[:, 1:].ne(-100)
     count = mask.sum()
     denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     share = (loss * torch.as_tensor(denominator, dtype=loss.dtype, device=loss.device)) / count.clamp(min=1)
     log_probs = -share * mask.to(loss.dtype)
     with torch.no_grad():
-        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-        is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=logits.device)
-        scored = logits[:, :-1][mask].float()  # only the counted positions: never the whole [B, T, V] softmax
+        full = logits if torch.is_tensor(logits) else getattr(logits, "logits", None)
+        if getattr(logits, "counted_logits", None) is not None:
+            scored = logits.counted_logits.float()
+        elif torch.is_tensor(full):
+            scored = full[:, :-1][mask.to(full.device)].float()  # never the whole [B, T, V] softmax
+        else:
+            raise ValueError(
+                "RAN's output for TRL's fused LM head has no logits of the label positions: the model's family "
+                "gave no logits mask (a generative VLM's labels are needed)."
+            )
+        if scored.shape[0] != int(count):
+            raise ValueError(f"{scored.shape[0]} scored logit rows for {int(count)} label positions.")
+        entropy = torch.zeros(mask.shape, dtype=torch.float32, device=loss.device)
+        is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=loss.device)
         if scored.numel():
             log_p = F.log_softmax(scored, dim=-1)
-            entropy[mask] = -(log_p.exp() * log_p).sum(-1)
-            is_top1[mask] = scored.argmax(-1).eq(labels[:, 1:][mask])
+            entropy[mask] = (-(log_p.exp() * log_p).sum(-1)).to(entropy.device)
+            is_top1[mask] = scored.argmax(-1).to(labels.device).eq(labels[:, 1:][mask])
     return FusedCausalLMOutput(
         loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask
     )

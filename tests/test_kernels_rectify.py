@@ -142,6 +142,14 @@ def test_kernel_kl_all_masked_is_zero_and_backpropagates():
         assert torch.count_nonzero(grad_clean) == 0 and torch.count_nonzero(grad_adv) == 0
 
 
+def test_kernel_kl_chunked_takes_zero_rows():
+    # RAN gives the KL only the counted rows of a generative model's logits: a batch may have none.
+    clean, adv = _logits((0, 40), torch.float32)
+    loss, grad_clean, grad_adv = _run(rectification_kl_chunked, clean, adv, None)
+    assert loss.item() == 0.0
+    assert grad_clean.shape == (0, 40) and grad_adv.shape == (0, 40)
+
+
 def test_kernel_kl_chunked_scales_with_upstream_gradient():
     clean, adv = _logits((3, 64), torch.float32)
     adv_once = adv.clone().requires_grad_()

@@ -2,6 +2,7 @@ import pytest
 import tiny_models as tm
 import torch
 from peft import get_peft_model
+from ran_peft.kernels import rectification_kl_reference
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 from ran_peft import (
@@ -82,6 +83,38 @@ def test_free_start_gives_exactly_the_gradient_of_the_written_loss():
     clean = family.run(model, case.batch, case.batch["pixel_values"]).loss
     adversarial = family.run(model, case.batch, output.adversarial_pixel_values).loss
     reference = 0.7 * clean + 0.3 * adversarial
+    assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    reference.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(ran_grads[name], parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+# mix 0.3: the KL's rows join the task loss's dense gradient (sent back sparse); mix 0: the KL's gradient alone.
+@pytest.mark.parametrize("mix", [0.3, 0.0])
+def test_generative_kl_on_answer_rows_gives_the_gradient_of_the_written_loss(mix):
+    """RAN keeps only the answer rows of a generative VLM's logits for the KL: the loss and its gradient must be
+    those of the recipe's loss with the KL over the whole masked [B, T, V] logits."""
+    case = tm.llava()  # no dropout: two passes over the same pixels give the same graph
+    model, config = _peft(case, adversarial_weight=mix, kl_weight=2.0, free_start=True)
+    model.train()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    output = ran_loss(model, case.batch, config, pixel_box=BOX)
+    assert output.logits is None  # the [B, T, V] logits are not kept past the clean pass
+    output.loss.backward()
+    ran_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    family = detect_family(model)
+    clean = family.run(model, case.batch, case.batch["pixel_values"])
+    adversarial = family.run(model, case.batch, output.adversarial_pixel_values)
+    assert 0 < int(clean.logits_mask.sum()) < clean.logits_mask.numel()
+    kl = rectification_kl_reference(clean.logits.detach(), adversarial.logits, adversarial.logits_mask)
+    reference = (1 - mix) * clean.loss + mix * adversarial.loss + 2.0 * kl
+    assert output.parts["kl"].item() == pytest.approx(kl.item(), abs=1e-6)
     assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
     reference.backward()
     for name, parameter in model.named_parameters():

@@ -1,0 +1,487 @@
+"""Peak memory and step time of RAN against plain LoRA on a LLaVA-style generative VLM (random weights, built from a
+config): LoRA on the language model and the projector, vocabulary 32k, a few hundred image tokens per sequence.
+
+    python benchmarks/vlm_cost.py --out benchmarks/results/vlm_cost-cpu.json [--quick] [--device cuda]
+
+Each case (LoRA, RAN defaults, RAN with 2 attack steps) runs in a fresh process; the peak is that of the training
+steps alone (VmHWM reset after the model is built on CPU; `torch.cuda.max_memory_allocated` reset after building
+on CUDA), above what the process held just before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
+EPSILON = 4 / 255
+# LoRA on the language model's attention and the projector; the vision tower stays frozen and adapter-free.
+TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)|.*multi_modal_projector\.linear_[12]"
+
+RECIPES = {
+    "lora": dict(epsilon=0.0, kl_weight=0.0),
+    "ran": dict(),  # RANConfig's defaults
+    "ran_k2": dict(attack_steps=2),
+}
+
+
+@dataclass
+class VLMShape:
+    """The benchmark model and batch. Defaults: ~100M parameters, 512-token sequences, 256 of them image tokens."""
+
+    vocab: int = 32000
+    hidden: int = 768
+    layers: int = 6
+    heads: int = 12
+    intermediate: int = 2048
+    vision_hidden: int = 384
+    vision_layers: int = 6
+    image_size: int = 224
+    patch: int = 14
+    sequence: int = 512
+    answer_tokens: int = 128
+    batch: int = 2
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        """The vocabulary's last id stands for "an image patch goes here"."""
+        return self.vocab - 1
+
+
+QUICK = VLMShape(
+    hidden=128,
+    layers=2,
+    heads=4,
+    intermediate=256,
+    vision_hidden=64,
+    vision_layers=2,
+    image_size=112,
+    sequence=192,
+    answer_tokens=32,
+)
+
+
+def vlm_config(shape: VLMShape):
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        num_hidden_layers=shape.layers,
+        max_position_embeddings=max(2048, shape.sequence),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=shape.vision_hidden,
+        intermediate_size=4 * shape.vision_hidden,
+        num_attention_heads=max(1, shape.vision_hidden // 64),
+        num_hidden_layers=shape.vision_layers,
+        image_size=shape.image_size,
+        patch_size=shape.patch,
+        projection_dim=shape.vision_hidden,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text.to_dict(),
+        image_token_index=shape.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # every patch token is an image token (CLS dropped)
+        projector_hidden_act="gelu",
+    )
+
+
+def make_batch(shape: VLMShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Image tokens, then prompt text, then the answer; the loss counts the answer tokens only."""
+    from ran_peft import PixelBox
+
+    if shape.image_tokens + shape.answer_tokens + 1 > shape.sequence:
+        raise ValueError(
+            f"sequence={shape.sequence} cannot hold {shape.image_tokens} image tokens and {shape.answer_tokens} "
+            "answer tokens: make it longer or the answer shorter."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    text_length = shape.sequence - shape.image_tokens
+    text = torch.randint(3, shape.image_token_id, (shape.batch, text_length), generator=generator)
+    input_ids = torch.cat([torch.full((shape.batch, shape.image_tokens), shape.image_token_id), text], dim=1)
+    labels = input_ids.clone()
+    labels[:, : shape.sequence - shape.answer_tokens] = -100
+    raw = torch.rand(shape.batch, 3, shape.image_size, shape.image_size, generator=generator)
+    return {
+        "pixel_values": PixelBox(MEAN, STD).from_pixels(raw),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+    }
+
+
+def build(
+    recipe: str, shape: VLMShape, device: str, seed: int = 0, load_from: str | None = None, four_bit=False
+):
+    """The model with the recipe's adapter: from the config (random weights), or loaded from a saved folder, in
+    4-bit NF4 through bitsandbytes with `four_bit` (float32 compute, so that only the weight storage differs)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    from ran_peft import RANConfig
+
+    torch.manual_seed(seed)
+    if four_bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = LlavaForConditionalGeneration.from_pretrained(
+            load_from, quantization_config=quantization, device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif load_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(load_from).to(device)
+    else:
+        model = LlavaForConditionalGeneration(vlm_config(shape)).to(device)
+    config = RANConfig(r=8, target_modules=TARGET_MODULES, **{"epsilon": EPSILON, **RECIPES[recipe]})
+    return get_peft_model(model, config), config
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory of what runs between `start()` and `peak_mib()`, above what was held at `start()`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.before = 0
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return
+        with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+            handle.write("5")
+        self.before = _status_kib("VmRSS:") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        return (_status_kib("VmHWM:") * 1024 - self.before) / 2**20
+
+    @property
+    def method(self) -> str:
+        if self.device.startswith("cuda"):
+            return "torch.cuda.max_memory_allocated during the steps minus memory_allocated before them"
+        return "VmHWM during the steps (reset through /proc/self/clear_refs) minus VmRSS before them"
+
+
+def peak_allocated_mib_on_cpu(step) -> float | None:
+    """The peak of the tensor memory `step` allocates, from torch's profiler memory timeline (one extra, untimed step):
+    the CPU counterpart of `torch.cuda.max_memory_allocated`, blind to how malloc caches freed memory. None when the
+    profiler's (private) timeline API is not there."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError:
+        return None
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    try:
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    except (AttributeError, TypeError):
+        return None
+    if not sizes:
+        return 0.0
+    # The first point holds what existed before the step (weights, batch): the peak is counted above it.
+    return (max(sum(size) for size in sizes) - sum(sizes[0])) / 2**20
+
+
+def run_case(
+    recipe: str, shape: VLMShape, steps: int, warmup: int, device: str, load_from=None, four_bit=False
+) -> dict:
+    """Build the model, then time `warmup + steps` RAN steps and measure their peak memory (this process)."""
+    from ran_peft import PixelBox, detect_family, ran_loss
+
+    model, config = build(recipe, shape, device, load_from=load_from, four_bit=four_bit)
+    batch = {key: value.to(device) for key, value in make_batch(shape).items()}
+    box = PixelBox(MEAN, STD)
+    family = detect_family(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    memory = PeakMemory(device)
+    memory.start()
+    times, cpu_times = [], []
+    for _ in range(warmup + steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        ran_loss(model, batch, config, pixel_box=box, family=family).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    peak = memory.peak_mib()
+    allocated = None
+    if not device.startswith("cuda"):
+
+        def one_step():
+            ran_loss(model, batch, config, pixel_box=box, family=family).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        allocated = peak_allocated_mib_on_cpu(one_step)
+    return {
+        "peak_mib": peak,
+        "peak_allocated_mib": allocated,
+        "held_before_steps_mib": memory.before / 2**20,
+        "step_seconds": times[warmup:],
+        "step_cpu_seconds": cpu_times[warmup:],
+        "warmup_seconds": times[:warmup],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "memory_method": memory.method,
+    }
+
+
+def run_in_fresh_process(
+    recipe: str,
+    shape: VLMShape,
+    steps: int,
+    warmup: int,
+    device: str,
+    load_from=None,
+    four_bit=False,
+    env=None,
+) -> dict:
+    arguments = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        recipe,
+        "--shape",
+        json.dumps(asdict(shape)),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--device",
+        device,
+    ]
+    arguments += ["--load-from", load_from] if load_from else []
+    arguments += ["--four-bit"] if four_bit else []
+    done = subprocess.run(
+        arguments, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"case {recipe} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_four_bit(shape: VLMShape, steps: int, warmup: int, device: str, log=print) -> dict:
+    """Peak memory of RAN steps (defaults) with the model's weights in 4-bit NF4 against float32 (fresh processes).
+
+    Both load the same saved random weights. `..._with_weights` also counts what the loaded model holds."""
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(vlm_config(shape)).save_pretrained(folder)
+        runs = {
+            name: run_in_fresh_process(
+                "ran", shape, steps, warmup, device, load_from=folder, four_bit=four_bit
+            )
+            for name, four_bit in (("fp32", False), ("nf4", True))
+        }
+    for name, run in runs.items():
+        log(
+            f"{name:>5}: steps' peak {run['peak_mib']:8.1f} MiB, held before {run['held_before_steps_mib']:8.1f} MiB"
+        )
+    with_weights = {name: run["peak_mib"] + run["held_before_steps_mib"] for name, run in runs.items()}
+    return {
+        "qlora4bit_over_fp32_memory_ratio": with_weights["nf4"] / with_weights["fp32"],
+        "qlora4bit_over_fp32_steps_peak_ratio": runs["nf4"]["peak_mib"] / runs["fp32"]["peak_mib"],
+        "peak_with_weights_mib": with_weights,
+        "runs": runs,
+        "method": "RAN defaults, fresh process per case; with weights = what the process held before the steps "
+        "(weights, adapter, batch) + the steps' peak above it; NF4 through bitsandbytes with float32 compute",
+    }
+
+
+def measure(shape: VLMShape, steps: int, warmup: int, rounds: int, device: str, log=print, env=None) -> dict:
+    """Every case in its own fresh process, the cases interleaved over `rounds` rounds; JSON-ready results.
+
+    Step time: the median over all timed steps of all rounds. Peak memory: the largest of the rounds.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    for round_index in range(rounds):
+        for name in RECIPES:
+            result = run_in_fresh_process(name, shape, steps, warmup, device, env=env)
+            runs[name].append(result)
+            log(
+                f"round {round_index + 1}/{rounds} {name:>7}: peak {result['peak_mib']:8.1f} MiB, median step "
+                f"{statistics.median(result['step_seconds']):7.2f} s",
+                flush=True,
+            )
+    peak = {name: max(run["peak_mib"] for run in results) for name, results in runs.items()}
+    median = {
+        name: statistics.median(t for run in results for t in run["step_seconds"])
+        for name, results in runs.items()
+    }
+    cpu = {
+        name: statistics.median(t for run in results for t in run["step_cpu_seconds"])
+        for name, results in runs.items()
+    }
+    allocated = {
+        name: max(run["peak_allocated_mib"] or 0 for run in results) for name, results in runs.items()
+    }
+    first = runs["lora"][0]
+    return {
+        "vlm_ran_over_lora_peak_memory_ratio": peak["ran"] / peak["lora"],
+        "vlm_ran_over_lora_step_ratio": median["ran"] / median["lora"],
+        "vlm_ran_k2_over_lora_peak_memory_ratio": peak["ran_k2"] / peak["lora"],
+        "vlm_ran_k2_over_lora_step_ratio": median["ran_k2"] / median["lora"],
+        "vlm_ran_over_lora_step_cpu_time_ratio": cpu["ran"] / cpu["lora"],
+        "peak_allocated_mib": allocated if all(allocated.values()) else None,
+        "vlm_ran_over_lora_peak_allocated_ratio": allocated["ran"] / allocated["lora"]
+        if all(allocated.values())
+        else None,
+        "vlm_ran_k2_over_lora_step_cpu_time_ratio": cpu["ran_k2"] / cpu["lora"],
+        "vlm_ran_k2_over_lora_peak_allocated_ratio": allocated["ran_k2"] / allocated["lora"]
+        if all(allocated.values())
+        else None,
+        "peak_mib": peak,
+        "step_seconds_median": median,
+        "step_cpu_seconds_median": cpu,
+        "runs": runs,
+        "model": {
+            **asdict(shape),
+            "image_tokens": shape.image_tokens,
+            "parameters": first["parameters"],
+            "trainable_parameters": first["trainable_parameters"],
+            "lora_rank": 8,
+            "target_modules": TARGET_MODULES,
+            "dtype": "float32",
+        },
+        "protocol": {
+            "device": device,
+            "rounds": rounds,
+            "warmup_steps": warmup,
+            "timed_steps_per_round": steps,
+            "memory_method": first["memory_method"],
+            "allocated_method": "CPU only: one extra untimed step under torch.profiler(profile_memory=True); the peak of "
+            "its memory timeline above its first point (tensors allocated during the step, as "
+            "torch.cuda.max_memory_allocated counts them), which malloc's caching of freed blocks does not inflate",
+            "note": "each case in a fresh process (model built, then the steps alone measured); cases interleaved "
+            "round by round; step = ran_loss + backward + AdamW step on one fixed batch. Step time is wall time; "
+            "the CPU-time ratio (process_time, all threads) is given beside it because on a shared machine the "
+            "wall time of one case depends on what else runs then",
+        },
+        "recipes": {name: {**_recipe_dict(), **recipe} for name, recipe in RECIPES.items()},
+        "goals": {"peak_memory_ratio_at_most": 1.15, "step_ratio_at_most": 2.1},
+    }
+
+
+def _recipe_dict() -> dict:
+    from ran_peft import RANConfig
+
+    return RANConfig(epsilon=EPSILON).recipe_dict()
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="a small model and few steps (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per case and round")
+    parser.add_argument("--rounds", type=int, default=1, help="how many times every case runs, interleaved")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="CPU: set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the cases' processes, so that freed tensors above "
+        "it go back to the system at once and the RSS peak follows live tensors rather than malloc's caching",
+    )
+    parser.add_argument("--child", choices=sorted(RECIPES), help=argparse.SUPPRESS)
+    parser.add_argument("--load-from", help=argparse.SUPPRESS)
+    parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        shape = VLMShape(**json.loads(args.shape))
+        print(
+            json.dumps(
+                run_case(
+                    args.child, shape, args.steps, args.warmup, args.device, args.load_from, args.four_bit
+                )
+            )
+        )
+        return
+    if not args.out:
+        parser.error("--out is required")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but torch sees no CUDA device")
+    shape = QUICK if args.quick else VLMShape()
+    started = time.perf_counter()
+    env = {}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    results = {
+        "machine": machine(),
+        **measure(shape, args.steps, args.warmup, args.rounds, args.device, env=env),
+    }
+    results["protocol"]["child_environment"] = env
+    results["wall_seconds"] = time.perf_counter() - started
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("ratio")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
