@@ -205,6 +205,20 @@ def test_fused_lm_head_output_gives_back_the_loss_under_trls_normalisation():
     assert torch.all(out.entropy[~out.label_mask] == 0) and torch.all(out.entropy[out.label_mask] > 0)
 
 
+def test_fused_lm_head_output_reads_the_counted_rows_ran_keeps_as_it_reads_full_logits():
+    """RAN keeps only a generative VLM's answer rows past the clean pass: TRL's metrics come out the same."""
+    from ran_peft.training import RANOutput
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    logits = torch.randn(2, 4, 10)
+    full = ran_trl.fused_lm_head_output(torch.tensor(1.0), logits, labels)
+    rows = logits[:, :-1][labels[:, 1:].ne(-100)]
+    kept = ran_trl.fused_lm_head_output(torch.tensor(1.0), RANOutput(counted_logits=rows), labels)
+    assert torch.equal(kept.entropy, full.entropy) and torch.equal(kept.is_top1, full.is_top1)
+    with pytest.raises(ValueError, match="scored logit rows"):
+        ran_trl.fused_lm_head_output(torch.tensor(1.0), RANOutput(counted_logits=rows[:2]), labels)
+
+
 def test_unsupported_trl_version_says_what_to_do():
     with pytest.raises(ran_trl.UnsupportedTRLVersionError) as error:
         ran_trl.check_trl_version("0.19.1")
