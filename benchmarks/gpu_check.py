@@ -96,7 +96,10 @@ def check_pgd(device: str, shapes=PGD_SHAPES) -> list[dict]:
             grad.view(-1)[::7] = 0.0  # sign(0) must be 0
             grad = grad.to(device, dtype)
             for norm in ("linf", "l2"):
-                box = dict(std=std, lower=lower, upper=upper, epsilon=EPS)
+                # per-channel bounds broadcast over (..., C, H, W), as the pixel layout places them
+                box = dict(
+                    std=std.view(3, 1, 1), lower=lower.view(3, 1, 1), upper=upper.view(3, 1, 1), epsilon=EPS
+                )
                 delta = pgd_random_start_reference(clean, norm=norm, **box)
                 want = pgd_step_reference(delta, grad, clean, step_size=STEP, norm=norm, **box)
                 got = pgd_step_triton(delta, grad, clean, step_size=STEP, norm=norm, **box)

@@ -158,6 +158,32 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+def report(args, setup: dict, runs: dict[str, list[dict[str, Any]]], started: float) -> dict[str, Any]:
+    return {
+        **summarise(runs),
+        "runs": runs,
+        "complete_rounds": min(len(r) for r in runs.values()),
+        "protocol": {
+            "model": "the embedded default CLIP (ran_peft.pretrain.build_default_model), task anatomy",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "rounds": args.rounds,
+            "methods": {name: setup["configs"][name].recipe_dict() for name in METHODS},
+            "step": "on_step_begin to on_step_end of the Trainer's callbacks: forward, backward, optimiser step",
+            "end_to_end": "the seconds train_adapter reports (the robustness benchmark's train time), summed over "
+            "rounds; median step: over all steps of all rounds",
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,6 +203,7 @@ def main() -> None:
     setup = prepare(args.steps, args.batch_size)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in METHODS}
     started = time.perf_counter()
+    results: dict[str, Any] = {}
     for round_index in range(args.rounds):
         for name in METHODS:
             run = time_one_run(setup, name)
@@ -188,30 +215,12 @@ def main() -> None:
                 f"step {1000 * run['step_seconds_median']:6.1f} ms",
                 flush=True,
             )
-    results = {
-        **summarise(runs),
-        "runs": runs,
-        "protocol": {
-            "model": "the embedded default CLIP (ran_peft.pretrain.build_default_model), task anatomy",
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "rounds": args.rounds,
-            "methods": {name: setup["configs"][name].recipe_dict() for name in METHODS},
-            "step": "on_step_begin to on_step_end of the Trainer's callbacks: forward, backward, optimiser step",
-            "end_to_end": "the seconds train_adapter reports (the robustness benchmark's train time), summed over "
-            "rounds; median step: over all steps of all rounds",
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
-        "wall_seconds": time.perf_counter() - started,
-    }
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2, sort_keys=True)
+            if (
+                len({len(done) for done in runs.values()}) == 1
+            ):  # after every whole round: a cut-short run keeps figures
+                results = report(args, setup, runs, started)
+                with open(args.out, "w") as handle:
+                    json.dump(results, handle, indent=2, sort_keys=True)
     print(json.dumps({k: v for k, v in results.items() if k.endswith("ratio")}, indent=2))
 
 
