@@ -46,6 +46,7 @@ def lora_equivalent(config: RANConfig) -> RANConfig:
         consistency_weight=0.0,
         covariance_weight=0.0,
         spectrum_weight=0.0,
+        reference_kl_weight=0.0,
     )
 
 
@@ -54,19 +55,67 @@ def baseline_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RAN
 
     The baselines share the adapter, the budget and the warm-up of `config`; only the recipe differs.
     """
-    # Both baselines: a K-step attack without the free start, no feature terms.
-    k_step_attack = dict(
-        attack_steps=attack_steps,
-        step_size=None,
-        free_start=False,
-        consistency_weight=0.0,
-        covariance_weight=0.0,
-        spectrum_weight=0.0,
+    peers = peer_configs(config, attack_steps=attack_steps)
+    return {name: peers[name] for name in ("lora", "pgd_at", "trades", "ran")}
+
+
+# The peers' attack steps during training, as used here (README, "The peers"): fast AT is single-step by design;
+# TeCoA, PMG-AFT and FARE get a short PGD so that they sit near RAN's cost; PGD-AT and TRADES keep K steps.
+PEER_SHORT_ATTACK_STEPS = 2
+
+
+def peer_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RANConfig]:
+    """The robust fine-tuning recipes a user would pick instead of RAN, each as a setting of `RANConfig`.
+
+    All share the adapter, the budget and the warm-up of `config` (RAN's own recipe, returned as `ran`):
+
+    - `lora`: no attack, no rectification (plain LoRA fine-tuning);
+    - `fgsm_rs`: fast adversarial training (Wong et al. 2020): one FGSM step of 1.25 epsilon from a uniform random
+      start, trained on the adversarial loss alone;
+    - `tecoa`: TeCoA (Mao et al. 2023): the text-guided (image-to-prompt) cross-entropy on adversarial images only,
+      PGD-2 during training;
+    - `pmg_aft`: PMG-AFT (Wang et al. 2024): TeCoA's loss + KL(p_0(x+delta) || p(x+delta)) to the pre-trained
+      (adapter-disabled) model + KL(p(x) || p(x+delta)), weights 1 and 1, PGD-2;
+    - `fare`: FARE (Schlarmann et al. 2024): no task loss; the adversarial image embedding pulled to the pre-trained
+      model's clean embedding, the attack maximising that distance, PGD-2;
+    - `trades`: TRADES (Zhang et al. 2019): clean cross-entropy + 6 KL(p(x) || p(x+delta)), the attack on that KL,
+      PGD-`attack_steps`;
+    - `pgd_at`: PGD adversarial training (Madry et al. 2018) on the adversarial loss alone, PGD-`attack_steps`.
+    """
+    no_features = dict(
+        consistency_weight=0.0, covariance_weight=0.0, spectrum_weight=0.0, reference_kl_weight=0.0
     )
+    # Multi-step attacks start at a random point and take no free first step.
+    multi_step = dict(step_size=None, free_start=False, random_start=True, **no_features)
+    short = dict(multi_step, attack_steps=PEER_SHORT_ATTACK_STEPS)
+    long = dict(multi_step, attack_steps=attack_steps)
+    adversarial_only = dict(adversarial_weight=1.0, kl_weight=0.0, attack_loss="task", task_weight=1.0)
     return {
         "lora": lora_equivalent(config),
-        "pgd_at": replace(config, **k_step_attack, adversarial_weight=1.0, kl_weight=0.0, attack_loss="task"),
-        "trades": replace(config, **k_step_attack, adversarial_weight=0.0, kl_weight=6.0, attack_loss="kl"),
+        "fgsm_rs": replace(
+            config,
+            **no_features,
+            attack_steps=1,
+            step_size=None,  # 1.25 epsilon for one step
+            free_start=False,
+            random_start=True,
+            **adversarial_only,
+        ),
+        "tecoa": replace(config, **short, **adversarial_only),
+        "pmg_aft": replace(
+            config, **{**short, "reference_kl_weight": 1.0}, **{**adversarial_only, "kl_weight": 1.0}
+        ),
+        "fare": replace(
+            config,
+            **{**short, "consistency_weight": 1.0},
+            task_weight=0.0,
+            kl_weight=0.0,
+            attack_loss="consistency",
+        ),
+        "trades": replace(
+            config, **long, task_weight=1.0, adversarial_weight=0.0, kl_weight=6.0, attack_loss="kl"
+        ),
+        "pgd_at": replace(config, **long, **adversarial_only),
         "ran": config,
     }
 
@@ -87,7 +136,11 @@ def train_adapter(
     Returns `(trainer, peft_model, train_seconds)`.
     """
     from peft import get_peft_model
+    from transformers import set_seed
 
+    # The adapter's initial weights are drawn here, before the Trainer seeds anything: without this the global
+    # random state of the moment (whatever ran before) decides them, and one --seed gives different adapters.
+    set_seed(settings.seed)
     peft_model = get_peft_model(model, config)
     arguments = TrainingArguments(
         output_dir=str(work_dir),
