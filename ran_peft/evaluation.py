@@ -14,7 +14,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -789,6 +789,7 @@ class AutoAttackSettings:
     fab_steps: int = 100
     square_queries: int = 5000
     large_epsilon: float = 32 / 255
+    large_steps: int = 100  # APGD-CE iterations of the large-budget check
 
     @property
     def name(self) -> str:
@@ -805,7 +806,9 @@ class AutoAttackSettings:
 
 AUTOATTACK_SETTINGS = {
     "standard": AutoAttackSettings("standard"),
-    "quick": AutoAttackSettings("quick", apgd_steps=50, targets=3, fab_steps=20, square_queries=300),
+    "quick": AutoAttackSettings(
+        "quick", apgd_steps=25, targets=3, fab_steps=10, square_queries=300, large_steps=10
+    ),
 }
 
 
@@ -1022,7 +1025,8 @@ def evaluate_autoattack(
                     entry["fooled"] += numbers["fooled"]
                     entry["robust_after"] += numbers["robust_after"]
                     entry["max_perturbation"] = max(entry["max_perturbation"], numbers["max_perturbation"])
-            large = _autoattack_steps(settings, settings.large_epsilon, classes, seed)[:1]
+            large_settings = replace(settings, apgd_steps=settings.large_steps)
+            large = _autoattack_steps(large_settings, settings.large_epsilon, classes, seed)[:1]
             survived, _ = autoattack_cascade(classifier, pixels, labels, clean, settings.large_epsilon, large)
             large_right += int(survived.sum())
     if total == 0:
@@ -1042,7 +1046,7 @@ def evaluate_autoattack(
     checks["large_budget_near_zero"] = {
         "passed": large_accuracy <= large_budget_tolerance,
         "epsilon": format_epsilon(settings.large_epsilon),
-        "attack": f"APGD-CE {settings.apgd_steps} it.",
+        "attack": f"APGD-CE {settings.large_steps} it.",
         "accuracy": large_accuracy,
         "tolerance": large_budget_tolerance,
     }

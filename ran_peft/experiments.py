@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,20 @@ from transformers import Trainer, TrainingArguments
 
 from ran_peft.callback import RANCallback
 from ran_peft.config import RANConfig
-from ran_peft.evaluation import evaluate_robustness
+from ran_peft.evaluation import evaluate_robust_accuracy, evaluate_robustness
 from ran_peft.pixels import PixelBox
+
+EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
 
 
 @dataclass
 class ExperimentSettings:
-    """How long to train and how hard to attack at evaluation (always at least the training attack)."""
+    """How long to train and how hard to attack at evaluation (always at least the training attack).
+
+    `eval_attack`: `"autoattack"` (the reported number: AutoAttack's standard set for class predictions, PGD-100
+    with 3 restarts for generative VLMs), `"autoattack-quick"` (the same attacks, fewer iterations, named as such),
+    or `"pgd"` (the project's own PGD, `eval_attack_steps` steps and `eval_restarts` restarts: a training-time tool).
+    """
 
     max_steps: int = 150
     batch_size: int = 32
@@ -30,6 +37,7 @@ class ExperimentSettings:
     eval_epsilons: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)
     eval_attack_steps: int = 20
     eval_restarts: int = 1
+    eval_attack: str = "pgd"
     eval_batch_size: int = 64
     progress: bool = True
     logging_steps: int | None = None
@@ -130,8 +138,10 @@ def train_adapter(
     work_dir: str | Path,
     *,
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    callbacks: Sequence[Any] = (),
 ):
-    """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`.
+    """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`
+    (and `callbacks`, e.g. a step timer).
 
     Returns `(trainer, peft_model, train_seconds)`.
     """
@@ -168,7 +178,7 @@ def train_adapter(
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=image_processor,
-        callbacks=[RANCallback(class_text_inputs=class_text_inputs)],
+        callbacks=[RANCallback(class_text_inputs=class_text_inputs), *callbacks],
     )
     start = time.perf_counter()
     trainer.train()
@@ -185,10 +195,25 @@ def evaluate_adapter(
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     check_steps: bool = False,
 ) -> dict[str, Any]:
-    """Clean accuracy and PGD robust accuracy (with restarts) of `model`, JSON-ready."""
+    """Clean and robust accuracy of `model` under `settings.eval_attack`, JSON-ready."""
+    if settings.eval_attack not in EVAL_ATTACKS:
+        raise ValueError(
+            f"ExperimentSettings.eval_attack={settings.eval_attack!r} is not allowed: one of {EVAL_ATTACKS}."
+        )
     loader = torch.utils.data.DataLoader(
         eval_dataset, batch_size=settings.eval_batch_size, collate_fn=collator
     )
+    if settings.eval_attack != "pgd":
+        report = evaluate_robust_accuracy(
+            model,
+            loader,
+            pixel_box=pixel_box,
+            epsilons=settings.eval_epsilons,
+            quick=settings.eval_attack == "autoattack-quick",
+            class_text_inputs=class_text_inputs,
+            seed=settings.seed,
+        )
+        return report.to_dict()
     report = evaluate_robustness(
         model,
         loader,
