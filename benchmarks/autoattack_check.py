@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attack-seed", type=int, default=12345, help="APGD-T's own seed (not the run's)")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--budgets", default=None, help="comma-separated subset of the card's budgets (default all)"
+    )
     parser.add_argument("--tolerance", type=float, default=1.0, help="allowed difference in points")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the comparison as JSON here")
@@ -115,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     loader = torch.utils.data.DataLoader(evaluation, batch_size=64, collate_fn=collator)
     rows = {}
-    for key, figure in reported.items():
+    chosen = [b.strip() for b in args.budgets.split(",")] if args.budgets else list(reported)
+    unknown = sorted(set(chosen) - set(reported))
+    if unknown:
+        raise SystemExit(f"error: --budgets={args.budgets!r}: the card reports only {', '.join(reported)}.")
+    for key in chosen:
+        figure = reported[key]
         accuracy = apgd_t_accuracy(
             model, loader, pixel_box, class_text_inputs, parse_epsilon(key), args.attack_seed, args.steps
         )

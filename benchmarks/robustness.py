@@ -583,6 +583,32 @@ def parse_seeds(text: str) -> list[int]:
 # -- main ------------------------------------------------------------------------------------------------------
 
 
+def merge(paths: list[str], out: Path) -> dict[str, Any]:
+    """One result from several runs of this script (e.g. one process per seed): runs joined, summary recomputed."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    results = {key: value for key, value in parts[0].items() if key not in ("runs", "summary")}
+    results["runs"] = {}
+    for part in parts:
+        for name, seeds in part["runs"].items():
+            for seed, run in seeds.items():
+                if seed in results["runs"].setdefault(name, {}):
+                    raise SystemExit(f"error: --merge: {name} seed {seed} is in more than one file.")
+                results["runs"][name][seed] = run
+    results["seeds"] = sorted({int(seed) for seeds in results["runs"].values() for seed in seeds})
+    results["merged_from"] = [
+        {"file": str(path), "seeds": part["seeds"], "total_seconds": part.get("total_seconds")}
+        for path, part in zip(paths, parts, strict=True)
+    ]
+    add_ratios(results)
+    results["summary"] = summarise(results)
+    results["end_to_end_over_median_step_ratio"] = end_to_end_over_median_step(results["summary"])
+    write_json(results, out)
+    sibling(out, ".md").write_text(robustness_markdown(results))
+    plot_front(results, sibling(out, ".png"))
+    print(robustness_markdown(results))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -594,7 +620,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--seeds", default=None, help=f"comma-separated training seeds (default {DEFAULTS['seeds']})"
     )
-    args = resolve_sizes(parser.parse_args(argv))
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="comma-separated result files of earlier runs to join into --out (no training)",
+    )
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge([p.strip() for p in args.merge.split(",") if p.strip()], Path(args.out))
+    args = resolve_sizes(args)
     seeds = parse_seeds(args.seeds or (QUICK if args.quick else DEFAULTS)["seeds"])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))

@@ -95,6 +95,22 @@ def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
     assert "after apgd-ce" in table and "after square" in table
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # one process per seed, joined afterwards: the same summary as one process over both seeds
+    halves = []
+    for seed in ("1", "2"):
+        half = {
+            **results,
+            "seeds": [int(seed)],
+            "runs": {m: {seed: r[seed]} for m, r in results["runs"].items()},
+        }
+        halves.append(tmp_path / f"seed{seed}.json")
+        halves[-1].write_text(json.dumps(half))
+    merged = _load("robustness").main(
+        ["--out", str(tmp_path / "merged.json"), "--merge", ",".join(map(str, halves))]
+    )
+    assert merged["summary"] == pytest.approx(summary) or json.dumps(merged["summary"]) == json.dumps(summary)
+    assert merged["seeds"] == [1, 2] and (tmp_path / "merged.md").exists()
+
 
 def test_robustness_refuses_an_evaluation_attack_no_stronger_than_training(tmp_path, tiny_clip_dir):
     arguments = _tiny(tiny_clip_dir, tmp_path / "r.json")
