@@ -41,7 +41,7 @@ from ran_peft.experiments import (  # noqa: E402
     train_adapter,
 )
 
-METHODS = ("lora", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at", "ran")
+METHODS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
 EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")

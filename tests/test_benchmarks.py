@@ -64,7 +64,7 @@ def _check_run(run, attack="pgd"):
 @pytest.mark.slow
 def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
     out = tmp_path / "robustness.json"
-    methods = ["lora", "fgsm_rs", "fare", "ran"]
+    methods = ["lora", "ran", "fgsm_rs", "fare"]
     arguments = [*_tiny(tiny_clip_dir, out, attack="autoattack-quick"), "--methods", ",".join(methods)]
     returned = _load("robustness").main([*arguments, "--seeds", "1,2"])
     results = json.loads(out.read_text())
