@@ -165,6 +165,21 @@ def ran_loss(
             )  # no perturbation: the clean pass's features
             loss = loss + share * config.consistency_weight * term
             parts["consistency"] = term.detach()
+        if (
+            config.reference_kl_weight > 0
+        ):  # no perturbation: the KL to the pre-trained model at the clean input
+            reference_logits = _reference_run(
+                model, family, forward, inputs, pixel_values, "reference_kl_weight > 0"
+            ).logits
+            term = rectification_kl(
+                reference_logits,
+                clean.logits,
+                clean.logits_mask,
+                temperature=config.kl_temperature,
+                detach_clean=True,
+            )
+            loss = loss + share * config.reference_kl_weight * term
+            parts["reference_kl"] = term.detach()
         return RANOutput(
             loss=loss, logits=clean.logits.detach(), parts=parts, adversarial_pixel_values=pixel_values
         )
