@@ -46,11 +46,11 @@ CLEAN_TOLERANCE = 0.03  # "clean within 3 points of LoRA"
 class Variant:
     """One row of the ablation: the default recipe with `overrides` (or plain LoRA when `lora` is set)."""
 
-    kind: (
-        str  # "default", "reference", "off" (a default term off), "on" (an off-by-default term on), "setting"
-    )
+    kind: str  # "default", "reference", "off" (a default term off), "on" (an off-by-default term on), "setting", "gap"
     overrides: dict[str, Any] = field(default_factory=dict)
     lora: bool = False
+    steps_factor: int = 1  # train for this many times the run's --steps
+    warmup_share: float | None = None  # epsilon/KL warm-up over this share of the steps (a curriculum)
 
     def change(self) -> str:
         if self.lora:
@@ -60,7 +60,12 @@ class Variant:
         def shown(key: str, value: Any) -> str:
             return format_epsilon(value) if key.endswith("epsilon") and value else str(value)
 
-        return ", ".join(f"{k}={shown(k, v)}" for k, v in self.overrides.items()) or "RANConfig defaults"
+        changes = [f"{k}={shown(k, v)}" for k, v in self.overrides.items()]
+        if self.steps_factor != 1:
+            changes.append(f"{self.steps_factor}x the steps")
+        if self.warmup_share is not None:
+            changes.append(f"epsilon and KL ramp up over {100 * self.warmup_share:.0f} % of the steps")
+        return ", ".join(changes) or "RANConfig defaults"
 
 
 VARIANTS: dict[str, Variant] = {
@@ -84,6 +89,12 @@ VARIANTS: dict[str, Variant] = {
     "adversarial_weight_0.25": Variant("setting", {"adversarial_weight": 0.25}),
     "epsilon_2": Variant("setting", {"epsilon": 2 / 255}),
     "warmup_50": Variant("setting", {"noise_warmup_steps": 50}),
+    # closing the clean gap (issue 13): a KL to the pre-trained model, curricula, capacity, longer training
+    "reference_kl": Variant("gap", {"reference_kl_weight": 1.0}),
+    "reference_kl_instead": Variant("gap", {"reference_kl_weight": 1.0, "kl_weight": 0.0}),
+    "curriculum": Variant("gap", warmup_share=2 / 3),
+    "rank_16": Variant("gap", {"r": 16, "lora_alpha": 32}),
+    "steps_x2": Variant("gap", steps_factor=2),
 }
 
 
@@ -101,6 +112,36 @@ def _points(value: float) -> str:
 def noise_band(accuracy: float, samples: int) -> float:
     """Two standard errors of the difference of two accuracies measured on `samples` samples each."""
     return 2 * math.sqrt(2 * max(accuracy * (1 - accuracy), 1e-4) / max(samples, 1))
+
+
+GAP_GOAL = {"clean_points": 3.0, "robust_points_over_lora": 20.0, "time_ratio": 2.2}
+
+
+def clean_gap_sentence(rows: dict[str, Any], key: str) -> str:
+    """Which rows meet the clean-gap goal: clean within 3 points of LoRA, robust at least LoRA + 20, <= 2.2x time."""
+    lora = rows["lora"]
+    met, missed = [], []
+    for name, row in rows.items():
+        if name == "lora":
+            continue
+        gap = 100 * (lora["clean_acc"] - row["clean_acc"])
+        lead = 100 * (row["robust_acc"][key] - lora["robust_acc"][key])
+        ratio = row["train_seconds"] / lora["train_seconds"] if lora["train_seconds"] > 0 else float("nan")
+        text = f"`{name}` (clean -{gap:.1f}, robust +{lead:.1f}, {ratio:.2f}x)"
+        ok = (
+            gap <= GAP_GOAL["clean_points"]
+            and lead >= GAP_GOAL["robust_points_over_lora"]
+            and ratio <= GAP_GOAL["time_ratio"]
+        )
+        (met if ok else missed).append(text)
+    goal = (
+        f"clean within {GAP_GOAL['clean_points']:.0f} points of LoRA, robust@{key} at least "
+        f"{GAP_GOAL['robust_points_over_lora']:.0f} points above LoRA's, at most {GAP_GOAL['time_ratio']}x LoRA's "
+        "train time"
+    )
+    if met:
+        return f"The clean-gap goal ({goal}) is met by: {', '.join(met)}."
+    return f"No row meets the clean-gap goal ({goal}); closest: {', '.join(missed)}."
 
 
 def defaults_paragraph(results: dict[str, Any]) -> str:
@@ -166,7 +207,7 @@ def defaults_paragraph(results: dict[str, Any]) -> str:
 
     worth, idle = [], []
     for name, row in rows.items():
-        if VARIANTS[name].kind not in ("on", "setting"):
+        if VARIANTS[name].kind not in ("on", "setting", "gap"):
             continue
         delta = row["robust_acc"][key] - default["robust_acc"][key]
         clean_ok = lora is None or row["clean_acc"] >= lora["clean_acc"] - CLEAN_TOLERANCE
@@ -188,6 +229,8 @@ def defaults_paragraph(results: dict[str, Any]) -> str:
             + "."
         )
 
+    if lora is not None:
+        sentences.append(clean_gap_sentence(rows, key))
     if candidates:
         best_gain = max(row["robust_acc"][key] for row in candidates.values()) - default["robust_acc"][key]
         if best_gain <= band and "default" in candidates:
@@ -273,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup = robustness.prepare(args)
     default = robustness.default_ran_config(setup)
     configs = {name: variant_config(default, VARIANTS[name]) for name in VARIANTS if name in names}
+    for name, config in configs.items():
+        if VARIANTS[name].warmup_share is not None:
+            config.noise_warmup_steps = round(VARIANTS[name].warmup_share * args.steps)
     robustness.check_evaluation_is_stronger(setup, configs)
     results = {
         "benchmark": "ablation",
@@ -286,7 +332,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     for index, (name, config) in enumerate(configs.items(), start=1):
         print(f"variant {index}/{len(configs)}: {name} ({VARIANTS[name].change()})", flush=True)
-        results["variants"][name] = robustness.run_method(setup, name, config)
+        variant = VARIANTS[name]
+        run_setup = setup
+        if variant.steps_factor != 1:
+            steps = variant.steps_factor * setup.settings.max_steps
+            run_setup = replace(setup, settings=replace(setup.settings, max_steps=steps))
+        results["variants"][name] = robustness.run_method(run_setup, name, config)
         robustness.write_json(results, out)  # partial results survive an interrupted run
     results["total_seconds"] = time.perf_counter() - started
     if "default" in results["variants"]:

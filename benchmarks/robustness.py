@@ -1,10 +1,13 @@
-"""Clean and robust accuracy of LoRA, PGD-10 adversarial training, TRADES-10 and RAN, fine-tuned the same way.
+"""Clean and AutoAttack robust accuracy of RAN and its peers (LoRA, FGSM-RS fast AT, TeCoA, PMG-AFT, FARE,
+TRADES-10, PGD-AT-10), each a RANConfig setting, fine-tuned the same way over several seeds.
 
 Each method starts from the same base weights (reloaded from the model folder), trains the same adapter on the same
-synthetic medical-style data for the same steps with the same seed, and is evaluated under PGD-20 with one restart
-(stronger than any training attack) at each budget. Writes FILE.json, FILE.md (a table) and FILE.png (a plot).
+synthetic medical-style data for the same steps, for every seed; it is evaluated with AutoAttack (APGD-CE, APGD-T,
+FAB-T, Square from torchattacks; `--eval-attack autoattack`, or the `autoattack-quick` variant, named as such) at
+each budget, per-sample worst case. Train time is a ratio to LoRA's in the same seed's run, end to end and per
+median optimiser step. Writes FILE.json, FILE.md (tables) and FILE.png (clean vs robust, labelled by time ratio).
 
-    python benchmarks/robustness.py --out robustness.json [--quick] [--methods lora,ran]
+    python benchmarks/robustness.py --out robustness.json [--quick] [--methods lora,ran] [--seeds 42,43,44]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,25 +29,43 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from ran_peft import PixelBox, RANConfig  # noqa: E402
 from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts  # noqa: E402
 from ran_peft.evaluation import format_epsilon  # noqa: E402
 from ran_peft.experiments import (  # noqa: E402
     ExperimentSettings,
-    baseline_configs,
     evaluate_adapter,
+    peer_configs,
     train_adapter,
 )
 
-METHODS = ("lora", "pgd_at", "trades", "ran")
+METHODS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
-# Defaults sized for about 20 minutes on 2 CPU cores for the four methods (see the README's benchmark notes).
+EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
+# Sized for the comparison on 2 CPU cores (README, "Robustness"); QUICK is a smoke run of a few minutes.
 DEFAULTS = dict(
-    steps=150, batch_size=32, train_size=2000, eval_size=300, eval_attack_steps=20, eval_restarts=1
+    steps=150,
+    batch_size=32,
+    train_size=2000,
+    eval_size=200,
+    eval_attack_steps=20,
+    eval_restarts=1,
+    eval_attack="autoattack-quick",
+    seeds="42,43,44",
 )
-QUICK = dict(steps=8, batch_size=32, train_size=256, eval_size=32, eval_attack_steps=20, eval_restarts=1)
+QUICK = dict(
+    steps=8,
+    batch_size=32,
+    train_size=256,
+    eval_size=32,
+    eval_attack_steps=20,
+    eval_restarts=1,
+    eval_attack="autoattack-quick",
+    seeds="42",
+)
 
 
 @dataclass
@@ -87,16 +109,23 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=None, help=f"default {DEFAULTS['train_size']}")
     parser.add_argument("--eval-size", type=int, default=None, help=f"default {DEFAULTS['eval_size']}")
     parser.add_argument(
+        "--eval-attack",
+        default=None,
+        help=f"one of {', '.join(EVAL_ATTACKS)} (default {DEFAULTS['eval_attack']}; pgd is the training tool)",
+    )
+    parser.add_argument(
         "--eval-attack-steps",
         type=int,
         default=None,
-        help=f"PGD steps at evaluation (default {DEFAULTS['eval_attack_steps']})",
+        help=f"PGD steps with --eval-attack pgd (default {DEFAULTS['eval_attack_steps']})",
     )
     parser.add_argument(
-        "--eval-restarts", type=int, default=None, help="PGD restarts at evaluation (default 1)"
+        "--eval-restarts", type=int, default=None, help="PGD restarts with --eval-attack pgd (default 1)"
     )
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed of the data (and of the run when --seeds is not given)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -105,15 +134,16 @@ def resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the sizes not given on the command line from QUICK or DEFAULTS."""
     base = QUICK if args.quick else DEFAULTS
     for name, value in base.items():
-        if getattr(args, name, None) is None:
+        if getattr(args, name, None) is None and name != "seeds":
             setattr(args, name, value)
     for name in ("steps", "batch_size", "train_size", "eval_size", "eval_attack_steps", "eval_restarts"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+    if args.eval_attack not in EVAL_ATTACKS:
+        raise SystemExit(
+            f"error: --eval-attack={args.eval_attack!r} must be one of {', '.join(EVAL_ATTACKS)}."
+        )
     return args
-
-
-# -- shared setup ----------------------------------------------------------------------------------------------
 
 
 def load_base(folder: str):
@@ -162,6 +192,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         eval_epsilons=EVAL_EPSILONS,
         eval_attack_steps=args.eval_attack_steps,
         eval_restarts=args.eval_restarts,
+        eval_attack=args.eval_attack,
         progress=not args.no_progress,
     )
     return Setup(
@@ -192,6 +223,8 @@ def default_ran_config(setup: Setup) -> RANConfig:
 
 def check_evaluation_is_stronger(setup: Setup, configs: dict[str, RANConfig]) -> None:
     """Robust accuracy must come from an attack stronger than any the models were trained with."""
+    if setup.settings.eval_attack != "pgd":
+        return  # AutoAttack: 50-100 iteration APGD and more, beyond every training attack here
     strongest = max((c.attack_steps for c in configs.values() if c.attacks), default=0)
     if setup.settings.eval_attack_steps <= strongest:
         raise SystemExit(
@@ -200,11 +233,27 @@ def check_evaluation_is_stronger(setup: Setup, configs: dict[str, RANConfig]) ->
         )
 
 
-def run_method(setup: Setup, name: str, config: RANConfig) -> dict[str, Any]:
+class StepTimer(TrainerCallback):
+    """Wall time of every optimiser step (from the Trainer's step begin to its step end)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def run_method(setup: Setup, name: str, config: RANConfig, seed: int | None = None) -> dict[str, Any]:
     """Train one adapter from a fresh copy of the base and evaluate it; a JSON-ready record."""
-    print(f"[{name}] training {setup.settings.max_steps} steps ...", flush=True)
-    torch.manual_seed(setup.settings.seed)
+    settings = setup.settings if seed is None else replace(setup.settings, seed=seed)
+    label = name if seed is None else f"{name} seed {seed}"
+    print(f"[{label}] training {settings.max_steps} steps ...", flush=True)
     work_dir = tempfile.mkdtemp(prefix=f".robustness-{name}-")
+    timer = StepTimer()
     try:
         trainer, model, seconds = train_adapter(
             load_base(setup.model_folder),
@@ -212,18 +261,19 @@ def run_method(setup: Setup, name: str, config: RANConfig) -> dict[str, Any]:
             setup.train,
             setup.collator,
             setup.processor.image_processor,
-            setup.settings,
+            settings,
             work_dir,
             class_text_inputs=setup.class_text_inputs,
+            callbacks=[timer],
         )
-        print(f"[{name}] trained in {seconds:.1f} s; evaluating ...", flush=True)
+        print(f"[{label}] trained in {seconds:.1f} s; evaluating ...", flush=True)
         start = time.perf_counter()
         report = evaluate_adapter(
             model,
             setup.evaluation,
             setup.collator,
             setup.pixel_box,
-            setup.settings,
+            settings,
             class_text_inputs=setup.class_text_inputs,
             check_steps=True,
         )
@@ -231,10 +281,16 @@ def run_method(setup: Setup, name: str, config: RANConfig) -> dict[str, Any]:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     record = {
+        "seed": settings.seed,
         "clean_acc": report["clean_accuracy"],
         "robust_acc": report["robust_accuracy"],
+        "per_attack": {
+            key: {attack: numbers["accuracy_after"] for attack, numbers in attacks.items()}
+            for key, attacks in report["attack"].get("per_attack", {}).items()
+        },
         "train_seconds": seconds,
-        "step_seconds": seconds / setup.settings.max_steps,
+        "step_seconds": seconds / settings.max_steps,
+        "median_step_seconds": statistics.median(timer.seconds) if timer.seconds else None,
         "eval_seconds": eval_seconds,
         "eval_samples": report["num_samples"],
         "attack": report["attack"],
@@ -245,8 +301,9 @@ def run_method(setup: Setup, name: str, config: RANConfig) -> dict[str, Any]:
     }
     robust = "  ".join(f"@{k} {100 * v:5.1f}" for k, v in record["robust_acc"].items())
     print(
-        f"[{name}] clean {100 * record['clean_acc']:5.1f}  {robust}  "
-        f"(train {seconds:.1f} s, eval {eval_seconds:.1f} s)",
+        f"[{label}] clean {100 * record['clean_acc']:5.1f}  {robust}  "
+        f"(train {seconds:.1f} s, median step {1000 * (record['median_step_seconds'] or 0):.0f} ms, "
+        f"eval {eval_seconds:.1f} s)",
         flush=True,
     )
     return record
@@ -261,6 +318,7 @@ def environment(setup: Setup) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(),
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -293,15 +351,34 @@ def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def attack_name(results: dict[str, Any]) -> str:
+    """The evaluation attack in words, from a recorded run."""
+    for run in _all_runs(results):
+        description = run["attack"].get("description")
+        if description:
+            return description
+        attack = run["attack"]
+        return (
+            f"PGD-{attack['steps']} (L-inf, step 2.5·ε/steps, random start), {attack['restarts']} restart(s) "
+            "(the project's training-time attack, not the reported metric)"
+        )
+    return "no run"
+
+
 def describe_attack(results: dict[str, Any]) -> str:
     settings = results["settings"]
     return (
-        f"PGD-{settings['eval_attack_steps']} (L-inf, step 2.5·ε/steps, random start), "
-        f"{settings['eval_restarts']} restart(s), on {settings['eval_size']} held-out samples; "
-        f"{settings['max_steps']} steps of batch {settings['batch_size']}, seed {settings['seed']}, "
-        f"task `{settings['task']}`, torch {results['torch_version']}, "
-        f"{results['machine']['cpus']} CPUs ({results['machine']['torch_threads']} torch threads)."
+        f"Robust accuracy under {attack_name(results)}, on {settings['eval_size']} held-out samples; "
+        f"{settings['max_steps']} steps of batch {settings['batch_size']}, task `{settings['task']}`, "
+        f"torch {results['torch_version']}, {results['machine']['cpus']} CPUs "
+        f"({results['machine']['torch_threads']} torch threads)."
     )
+
+
+def _all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    if "runs" in results:
+        return [run for seeds in results["runs"].values() for run in seeds.values()]
+    return list(results.get("methods", results.get("variants", {})).values())
 
 
 def masking_note(runs: dict[str, dict[str, Any]]) -> str:
@@ -310,34 +387,146 @@ def masking_note(runs: dict[str, dict[str, Any]]) -> str:
         return (
             f"**Gradient-masking checks failed for: {', '.join(failed)}**: their robust numbers are suspect."
         )
-    steps = next(iter(runs.values()))["attack"]["steps"]
     return (
-        f"Gradient-masking checks (a zero budget gives the clean predictions, accuracy falls with ε, PGD-{steps // 2} "
-        f"does not beat PGD-{steps}): passed for every row."
+        "Gradient-masking checks passed for every row (with AutoAttack: the black-box Square fooled at most 1 % of "
+        "the samples the white-box attacks left, and APGD-CE at 32/255 left at most 5 % accurate; accuracy cannot "
+        "rise with ε, since each budget's attacks start from the smaller budget's survivors; with PGD: a zero "
+        "budget gives the clean predictions, accuracy falls with ε, half the steps never beat the full attack)."
     )
+
+
+# -- summary over seeds ------------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    """Train time and median step of every run as a ratio to LoRA's in the same seed's run."""
+    runs = results["runs"]
+    for seed, lora in runs.get("lora", {}).items():
+        for method in runs.values():
+            run = method.get(seed)
+            if run is None:
+                continue
+            run["train_time_ratio_to_lora"] = run["train_seconds"] / lora["train_seconds"]
+            if run["median_step_seconds"] and lora["median_step_seconds"]:
+                run["median_step_ratio_to_lora"] = run["median_step_seconds"] / lora["median_step_seconds"]
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    summary = {}
+    for name, seeds in results["runs"].items():
+        runs = list(seeds.values())
+        if not runs:
+            continue
+        keys = list(runs[0]["robust_acc"])
+        entry = {
+            "seeds": [run["seed"] for run in runs],
+            "clean_acc": spread([run["clean_acc"] for run in runs]),
+            "robust_acc": {key: spread([run["robust_acc"][key] for run in runs]) for key in keys},
+            "per_attack": {
+                key: {
+                    attack: spread([run["per_attack"][key][attack] for run in runs])
+                    for attack in runs[0]["per_attack"].get(key, {})
+                }
+                for key in keys
+            },
+            "train_seconds": spread([run["train_seconds"] for run in runs]),
+            "passed_checks": all(run["passed_checks"] for run in runs),
+        }
+        for ratio in ("train_time_ratio_to_lora", "median_step_ratio_to_lora"):
+            values = [run[ratio] for run in runs if ratio in run]
+            if values:
+                entry[ratio] = spread(values)
+        summary[name] = entry
+    return summary
+
+
+def end_to_end_over_median_step(summary: dict[str, Any], method: str = "ran") -> float | None:
+    """RAN's end-to-end train-time ratio to LoRA over its median-step ratio to LoRA (means over seeds)."""
+    entry = summary.get(method, {})
+    if "train_time_ratio_to_lora" not in entry or "median_step_ratio_to_lora" not in entry:
+        return None
+    return entry["train_time_ratio_to_lora"]["mean"] / entry["median_step_ratio_to_lora"]["mean"]
+
+
+def _cell(stats: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    if stats["n"] == 1:
+        return f"{scale * stats['mean']:.{digits}f}"
+    return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
 
 
 def robustness_markdown(results: dict[str, Any]) -> str:
-    runs = results["methods"]
-    keys = list(next(iter(runs.values()))["robust_acc"])
-    lora_step = runs["lora"]["step_seconds"] if "lora" in runs else None
+    summary = results["summary"]
+    if not summary:
+        return "# Robustness\n\nNo run finished.\n"
+    first = next(iter(summary.values()))
+    keys = list(first["robust_acc"])
+    seeds = sorted({seed for entry in summary.values() for seed in entry["seeds"]})
     header = (
-        "| method | clean | " + " | ".join(f"robust @{k}" for k in keys) + " | train s | step time / LoRA |"
+        "| method | clean | "
+        + " | ".join(f"robust @{k}" for k in keys)
+        + " | train time / LoRA | median step / LoRA | seeds |"
     )
-    lines = [header, "|" + " --- |" * (len(keys) + 4)]
-    for name, run in runs.items():
-        ratio = f"{run['step_seconds'] / lora_step:.2f}" if lora_step else "n/a"
-        cells = " | ".join(percent(run["robust_acc"][k]) for k in keys)
-        lines.append(
-            f"| {name} | {percent(run['clean_acc'])} | {cells} | {run['train_seconds']:.1f} | {ratio} |"
+    lines = [header, "|" + " --- |" * (len(keys) + 5)]
+    for name, entry in summary.items():
+        cells = " | ".join(_cell(entry["robust_acc"][k]) for k in keys)
+        train = (
+            _cell(entry["train_time_ratio_to_lora"], 1, 2) if "train_time_ratio_to_lora" in entry else "n/a"
         )
+        step = (
+            _cell(entry["median_step_ratio_to_lora"], 1, 2) if "median_step_ratio_to_lora" in entry else "n/a"
+        )
+        lines.append(
+            f"| {name} | {_cell(entry['clean_acc'])} | {cells} | {train} | {step} | {len(entry['seeds'])} |"
+        )
+    largest = keys[-1]
+    attacks = list(first["per_attack"].get(largest, {}))
+    attack_lines = []
+    if attacks:
+        attack_lines = [
+            "",
+            f"Accuracy left after each attack at {largest} (AutoAttack runs them in this order, each on the samples "
+            "the earlier ones left; the last column is the reported worst case):",
+            "",
+            "| method | clean | " + " | ".join(f"after {a}" for a in attacks) + " |",
+            "|" + " --- |" * (len(attacks) + 2),
+        ]
+        for name, entry in summary.items():
+            cells = " | ".join(_cell(entry["per_attack"][largest][a]) for a in attacks)
+            attack_lines.append(f"| {name} | {_cell(entry['clean_acc'])} | {cells} |")
+    ratio = results.get("end_to_end_over_median_step_ratio")
+    runs = {
+        f"{name} seed {run['seed']}": run
+        for name in results["runs"]
+        for run in results["runs"][name].values()
+    }
     return "\n".join(
         [
-            "# Robustness: LoRA vs PGD-AT vs TRADES vs RAN",
+            "# Robustness: RAN and its peers, AutoAttack, several seeds",
             "",
-            "Accuracy in %. " + describe_attack(results),
+            "Accuracy in %, mean ± standard deviation over seeds "
+            f"{', '.join(map(str, seeds))}. " + describe_attack(results),
             "",
             *lines,
+            *attack_lines,
+            "",
+            "Train time / LoRA: end-to-end `trainer.train()` time over LoRA's in the same seed's run; median step / "
+            "LoRA: the median optimiser step over LoRA's. "
+            + (
+                f"RAN's end-to-end ratio over its median-step ratio: {ratio:.2f}."
+                if ratio is not None
+                else "RAN or LoRA did not run, so the end-to-end over median-step ratio is not defined."
+            ),
             "",
             masking_note(runs),
             "",
@@ -345,31 +534,80 @@ def robustness_markdown(results: dict[str, Any]) -> str:
     )
 
 
-def plot_accuracy(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy against the attack budget, one line per run (clean accuracy at budget 0)."""
+def plot_front(results: dict[str, Any], path: Path) -> None:
+    """Clean accuracy against worst-case robust accuracy at the largest budget, one point per method (mean ± std
+    over seeds), labelled with the train-time ratio to LoRA."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ran_peft.evaluation import parse_epsilon
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, run in runs.items():
-        budgets = [0.0, *(255 * parse_epsilon(k) for k in run["robust_acc"])]
-        accuracy = [run["clean_acc"], *run["robust_acc"].values()]
-        axis.plot(budgets, [100 * a for a in accuracy], marker="o", label=name)
-    axis.set_xlabel("PGD budget ε (× 1/255)")
-    axis.set_ylabel("accuracy (%)")
-    axis.set_title(title)
+    summary = results["summary"]
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for name, entry in summary.items():
+        key = list(entry["robust_acc"])[-1]
+        clean, robust = entry["clean_acc"], entry["robust_acc"][key]
+        axis.errorbar(
+            100 * clean["mean"],
+            100 * robust["mean"],
+            xerr=100 * clean["std"],
+            yerr=100 * robust["std"],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+        ratio = entry.get("train_time_ratio_to_lora", {}).get("mean")
+        text = f"{name} ({ratio:.1f}x)" if ratio is not None else name
+        axis.annotate(
+            text, (100 * clean["mean"], 100 * robust["mean"]), textcoords="offset points", xytext=(5, 5)
+        )
+    key = list(next(iter(summary.values()))["robust_acc"])[-1] if summary else "?"
+    axis.set_xlabel("clean accuracy (%)")
+    axis.set_ylabel(f"robust accuracy @{key} (%), {attack_name(results).split(' (')[0]}")
+    axis.set_title("Clean vs robust (label: train time / LoRA)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds={text!r} must be comma-separated integers.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds={text!r} must list at least one seed, each once.")
+    return seeds
+
+
 # -- main ------------------------------------------------------------------------------------------------------
+
+
+def merge(paths: list[str], out: Path) -> dict[str, Any]:
+    """One result from several runs of this script (e.g. one process per seed): runs joined, summary recomputed."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    results = {key: value for key, value in parts[0].items() if key not in ("runs", "summary")}
+    results["runs"] = {}
+    for part in parts:
+        for name, seeds in part["runs"].items():
+            for seed, run in seeds.items():
+                if seed in results["runs"].setdefault(name, {}):
+                    raise SystemExit(f"error: --merge: {name} seed {seed} is in more than one file.")
+                results["runs"][name][seed] = run
+    results["seeds"] = sorted({int(seed) for seeds in results["runs"].values() for seed in seeds})
+    results["merged_from"] = [
+        {"file": str(path), "seeds": part["seeds"], "total_seconds": part.get("total_seconds")}
+        for path, part in zip(paths, parts, strict=True)
+    ]
+    add_ratios(results)
+    results["summary"] = summarise(results)
+    results["end_to_end_over_median_step_ratio"] = end_to_end_over_median_step(results["summary"])
+    write_json(results, out)
+    sibling(out, ".md").write_text(robustness_markdown(results))
+    plot_front(results, sibling(out, ".png"))
+    print(robustness_markdown(results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -380,7 +618,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
-    args = resolve_sizes(parser.parse_args(argv))
+    parser.add_argument(
+        "--seeds", default=None, help=f"comma-separated training seeds (default {DEFAULTS['seeds']})"
+    )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="comma-separated result files of earlier runs to join into --out (no training)",
+    )
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge([p.strip() for p in args.merge.split(",") if p.strip()], Path(args.out))
+    args = resolve_sizes(args)
+    seeds = parse_seeds(args.seeds or (QUICK if args.quick else DEFAULTS)["seeds"])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
@@ -388,28 +638,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
 
     setup = prepare(args)
-    configs = baseline_configs(default_ran_config(setup), attack_steps=BASELINE_ATTACK_STEPS)
+    configs = peer_configs(default_ran_config(setup), attack_steps=BASELINE_ATTACK_STEPS)
     configs = {name: configs[name] for name in METHODS if name in methods}
     check_evaluation_is_stronger(setup, configs)
     results = {
         "benchmark": "robustness",
         **environment(setup),
+        "seeds": seeds,
         "baseline_attack_steps": BASELINE_ATTACK_STEPS,
         "recipes": {name: config.recipe_dict() for name, config in configs.items()},
-        "methods": {},
+        "runs": {name: {} for name in configs},
+        "summary": {},
     }
     started = time.perf_counter()
-    for name, config in configs.items():
-        results["methods"][name] = run_method(setup, name, replace(config))
-        write_json(results, out)  # partial results survive an interrupted run
+    # Seed by seed, every method: each seed's LoRA run is the time reference of the same seed's other runs, and an
+    # interrupted run leaves whole seeds behind.
+    for seed in seeds:
+        for name, config in configs.items():
+            results["runs"][name][str(seed)] = run_method(setup, name, replace(config), seed=seed)
+            add_ratios(results)
+            results["summary"] = summarise(results)
+            results["end_to_end_over_median_step_ratio"] = end_to_end_over_median_step(results["summary"])
+            results["elapsed_seconds"] = time.perf_counter() - started
+            write_json(results, out)  # partial results survive an interrupted run
     results["total_seconds"] = time.perf_counter() - started
-    if "lora" in results["methods"]:
-        lora_step = results["methods"]["lora"]["step_seconds"]
-        for run in results["methods"].values():
-            run["step_time_ratio_to_lora"] = run["step_seconds"] / lora_step
     write_json(results, out)
     sibling(out, ".md").write_text(robustness_markdown(results))
-    plot_accuracy(results["methods"], sibling(out, ".png"), "Clean and PGD robust accuracy")
+    plot_front(results, sibling(out, ".png"))
     print(robustness_markdown(results))
     print(
         f"total {results['total_seconds']:.0f} s; wrote {out}, {sibling(out, '.md')}, {sibling(out, '.png')}"

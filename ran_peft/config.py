@@ -32,8 +32,9 @@ class RANConfig(LoraConfig):
     """The RAN recipe (see `RAN_RECIPE.md`): LoRA underneath, adversarial training and rectification on top.
 
     The loss of one batch is
-    `(1 - adversarial_weight) * L_task(x) + adversarial_weight * L_task(x + delta)
-    + kl_weight * KL(p(x) || p(x + delta)) + consistency_weight * |z(x + delta) - z_0(x)|^2
+    `task_weight * ((1 - adversarial_weight) * L_task(x) + adversarial_weight * L_task(x + delta))
+    + kl_weight * KL(p(x) || p(x + delta)) + reference_kl_weight * KL(p_0(x + delta) || p(x + delta))
+    + consistency_weight * |z(x + delta) - z_0(x)|^2
     + covariance_weight * offdiag(cov z(x)) + spectrum_weight * (1 - top-k spectrum share of z(x))`,
     where `delta` is made by PGD inside the budget. With `epsilon=0` and every weight 0, RAN is LoRA training.
     Budgets are in [0, 1] pixel units, converted per channel with the image processor's mean and std.
@@ -63,10 +64,18 @@ class RANConfig(LoraConfig):
             "gives the clean loss's parameter gradients, so one attack step costs about one extra forward/backward."
         },
     )
-    attack_loss: Literal["task", "kl"] = field(
+    attack_loss: Literal["task", "kl", "consistency"] = field(
         default="task",
         metadata={
-            "help": "What the attack maximises: the task loss, or the KL to the clean prediction (TRADES)."
+            "help": "What the attack maximises: the task loss, the KL to the clean prediction (TRADES), or the "
+            "distance of the image features to the adapter-disabled model's clean features (FARE)."
+        },
+    )
+    task_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the task-loss terms (the clean/adversarial mix); 0 trains on the rectification "
+            "terms alone (FARE's unsupervised recipe)."
         },
     )
     adversarial_weight: float = field(
@@ -76,6 +85,14 @@ class RANConfig(LoraConfig):
     kl_weight: float = field(
         default=1.0,
         metadata={"help": "Weight beta of KL(p_clean || p_adversarial), the prediction rectifier."},
+    )
+    reference_kl_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of KL(p_0(x+delta) || p(x+delta)): the adversarial prediction pulled to the "
+            "adapter-disabled (pre-trained) model's prediction on the same input, as PMG-AFT does (costs one extra "
+            "no-grad forward)."
+        },
     )
     kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (> 0)."})
     consistency_weight: float = field(
@@ -171,8 +188,8 @@ class RANConfig(LoraConfig):
             _fail("noise_warmup_steps", self.noise_warmup_steps, "an integer >= 0")
         if self.attack_norm not in ("linf", "l2"):
             _fail("attack_norm", self.attack_norm, "'linf' or 'l2'")
-        if self.attack_loss not in ("task", "kl"):
-            _fail("attack_loss", self.attack_loss, "'task' or 'kl'")
+        if self.attack_loss not in ("task", "kl", "consistency"):
+            _fail("attack_loss", self.attack_loss, "'task', 'kl' or 'consistency'")
         if self.adversarial_batch_statistics not in ("batch_only", "update_running"):
             _fail(
                 "adversarial_batch_statistics",
@@ -185,6 +202,8 @@ class RANConfig(LoraConfig):
         finite("adversarial_weight", 0.0, 1.0)
         for name in (
             "kl_weight",
+            "task_weight",
+            "reference_kl_weight",
             "consistency_weight",
             "covariance_weight",
             "spectrum_weight",

@@ -120,9 +120,13 @@ class RobustnessReport:
         rows += [f"| {key} | {100 * value:.2f}% |" for key, value in self.robust_accuracy.items()]
         attack = self.attack
         description = (
-            f"{str(attack.get('name', '?')).upper()}-{attack.get('steps')} ({attack.get('norm')}), "
-            f"{attack.get('restarts')} restart(s), step {attack.get('step_size')}, seed {attack.get('seed')}; "
-            f"{self.num_samples} samples."
+            f"{attack['description']}; {self.num_samples} samples."
+            if "description" in attack
+            else (
+                f"{str(attack.get('name', '?')).upper()}-{attack.get('steps')} ({attack.get('norm')}), "
+                f"{attack.get('restarts')} restart(s), step {attack.get('step_size')}, seed {attack.get('seed')}; "
+                f"{self.num_samples} samples."
+            )
         )
         failed = [name for name, check in self.checks.items() if check.get("passed") is False]
         verdict = (

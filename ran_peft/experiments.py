@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,15 +13,23 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ran_peft.autoattack import evaluate_robust_accuracy
 from ran_peft.callback import RANCallback
 from ran_peft.config import RANConfig
 from ran_peft.evaluation import evaluate_robustness
 from ran_peft.pixels import PixelBox
 
+EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
+
 
 @dataclass
 class ExperimentSettings:
-    """How long to train and how hard to attack at evaluation (always at least the training attack)."""
+    """How long to train and how hard to attack at evaluation (always at least the training attack).
+
+    `eval_attack`: `"autoattack"` (the reported number: AutoAttack's standard set for class predictions, PGD-100
+    with 3 restarts for generative VLMs), `"autoattack-quick"` (the same attacks, fewer iterations, named as such),
+    or `"pgd"` (the project's own PGD, `eval_attack_steps` steps and `eval_restarts` restarts: a training-time tool).
+    """
 
     max_steps: int = 150
     batch_size: int = 32
@@ -30,6 +38,7 @@ class ExperimentSettings:
     eval_epsilons: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)
     eval_attack_steps: int = 20
     eval_restarts: int = 1
+    eval_attack: str = "pgd"
     eval_batch_size: int = 64
     progress: bool = True
     logging_steps: int | None = None
@@ -46,6 +55,7 @@ def lora_equivalent(config: RANConfig) -> RANConfig:
         consistency_weight=0.0,
         covariance_weight=0.0,
         spectrum_weight=0.0,
+        reference_kl_weight=0.0,
     )
 
 
@@ -54,19 +64,67 @@ def baseline_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RAN
 
     The baselines share the adapter, the budget and the warm-up of `config`; only the recipe differs.
     """
-    # Both baselines: a K-step attack without the free start, no feature terms.
-    k_step_attack = dict(
-        attack_steps=attack_steps,
-        step_size=None,
-        free_start=False,
-        consistency_weight=0.0,
-        covariance_weight=0.0,
-        spectrum_weight=0.0,
+    peers = peer_configs(config, attack_steps=attack_steps)
+    return {name: peers[name] for name in ("lora", "pgd_at", "trades", "ran")}
+
+
+# The peers' attack steps during training, as used here (README, "The peers"): fast AT is single-step by design;
+# TeCoA, PMG-AFT and FARE get a short PGD so that they sit near RAN's cost; PGD-AT and TRADES keep K steps.
+PEER_SHORT_ATTACK_STEPS = 2
+
+
+def peer_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RANConfig]:
+    """The robust fine-tuning recipes a user would pick instead of RAN, each as a setting of `RANConfig`.
+
+    All share the adapter, the budget and the warm-up of `config` (RAN's own recipe, returned as `ran`):
+
+    - `lora`: no attack, no rectification (plain LoRA fine-tuning);
+    - `fgsm_rs`: fast adversarial training (Wong et al. 2020): one FGSM step of 1.25 epsilon from a uniform random
+      start, trained on the adversarial loss alone;
+    - `tecoa`: TeCoA (Mao et al. 2023): the text-guided (image-to-prompt) cross-entropy on adversarial images only,
+      PGD-2 during training;
+    - `pmg_aft`: PMG-AFT (Wang et al. 2024): TeCoA's loss + KL(p_0(x+delta) || p(x+delta)) to the pre-trained
+      (adapter-disabled) model + KL(p(x) || p(x+delta)), weights 1 and 1, PGD-2;
+    - `fare`: FARE (Schlarmann et al. 2024): no task loss; the adversarial image embedding pulled to the pre-trained
+      model's clean embedding, the attack maximising that distance, PGD-2;
+    - `trades`: TRADES (Zhang et al. 2019): clean cross-entropy + 6 KL(p(x) || p(x+delta)), the attack on that KL,
+      PGD-`attack_steps`;
+    - `pgd_at`: PGD adversarial training (Madry et al. 2018) on the adversarial loss alone, PGD-`attack_steps`.
+    """
+    no_features = dict(
+        consistency_weight=0.0, covariance_weight=0.0, spectrum_weight=0.0, reference_kl_weight=0.0
     )
+    # Multi-step attacks start at a random point and take no free first step.
+    multi_step = dict(step_size=None, free_start=False, random_start=True, **no_features)
+    short = dict(multi_step, attack_steps=PEER_SHORT_ATTACK_STEPS)
+    long = dict(multi_step, attack_steps=attack_steps)
+    adversarial_only = dict(adversarial_weight=1.0, kl_weight=0.0, attack_loss="task", task_weight=1.0)
     return {
         "lora": lora_equivalent(config),
-        "pgd_at": replace(config, **k_step_attack, adversarial_weight=1.0, kl_weight=0.0, attack_loss="task"),
-        "trades": replace(config, **k_step_attack, adversarial_weight=0.0, kl_weight=6.0, attack_loss="kl"),
+        "fgsm_rs": replace(
+            config,
+            **no_features,
+            attack_steps=1,
+            step_size=None,  # 1.25 epsilon for one step
+            free_start=False,
+            random_start=True,
+            **adversarial_only,
+        ),
+        "tecoa": replace(config, **short, **adversarial_only),
+        "pmg_aft": replace(
+            config, **{**short, "reference_kl_weight": 1.0}, **{**adversarial_only, "kl_weight": 1.0}
+        ),
+        "fare": replace(
+            config,
+            **{**short, "consistency_weight": 1.0},
+            task_weight=0.0,
+            kl_weight=0.0,
+            attack_loss="consistency",
+        ),
+        "trades": replace(
+            config, **long, task_weight=1.0, adversarial_weight=0.0, kl_weight=6.0, attack_loss="kl"
+        ),
+        "pgd_at": replace(config, **long, **adversarial_only),
         "ran": config,
     }
 
@@ -81,13 +139,19 @@ def train_adapter(
     work_dir: str | Path,
     *,
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    callbacks: Sequence[Any] = (),
 ):
-    """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`.
+    """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`
+    (and `callbacks`, e.g. a step timer).
 
     Returns `(trainer, peft_model, train_seconds)`.
     """
     from peft import get_peft_model
+    from transformers import set_seed
 
+    # The adapter's initial weights are drawn here, before the Trainer seeds anything: without this the global
+    # random state of the moment (whatever ran before) decides them, and one --seed gives different adapters.
+    set_seed(settings.seed)
     peft_model = get_peft_model(model, config)
     arguments = TrainingArguments(
         output_dir=str(work_dir),
@@ -115,7 +179,7 @@ def train_adapter(
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=image_processor,
-        callbacks=[RANCallback(class_text_inputs=class_text_inputs)],
+        callbacks=[RANCallback(class_text_inputs=class_text_inputs), *callbacks],
     )
     start = time.perf_counter()
     trainer.train()
@@ -132,10 +196,25 @@ def evaluate_adapter(
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     check_steps: bool = False,
 ) -> dict[str, Any]:
-    """Clean accuracy and PGD robust accuracy (with restarts) of `model`, JSON-ready."""
+    """Clean and robust accuracy of `model` under `settings.eval_attack`, JSON-ready."""
+    if settings.eval_attack not in EVAL_ATTACKS:
+        raise ValueError(
+            f"ExperimentSettings.eval_attack={settings.eval_attack!r} is not allowed: one of {EVAL_ATTACKS}."
+        )
     loader = torch.utils.data.DataLoader(
         eval_dataset, batch_size=settings.eval_batch_size, collate_fn=collator
     )
+    if settings.eval_attack != "pgd":
+        report = evaluate_robust_accuracy(
+            model,
+            loader,
+            pixel_box=pixel_box,
+            epsilons=settings.eval_epsilons,
+            quick=settings.eval_attack == "autoattack-quick",
+            class_text_inputs=class_text_inputs,
+            seed=settings.seed,
+        )
+        return report.to_dict()
     report = evaluate_robustness(
         model,
         loader,

@@ -38,7 +38,7 @@ from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectifi
 from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
 from ran_peft.pixels import PixelBox
 
-LOSS_PARTS = ("clean", "adversarial", "kl", "consistency", "covariance", "spectrum")
+LOSS_PARTS = ("clean", "adversarial", "kl", "reference_kl", "consistency", "covariance", "spectrum")
 
 
 @dataclass
@@ -111,6 +111,7 @@ def _require_logits(model: nn.Module, config: RANConfig, output: FamilyOutput) -
         for name, on in (
             ("kl_weight > 0", config.kl_weight > 0),
             ("attack_loss='kl'", config.attack_loss == "kl"),
+            ("reference_kl_weight > 0", config.reference_kl_weight > 0),
         )
         if on
     ]
@@ -136,15 +137,21 @@ def _feature_terms(config: RANConfig, features: torch.Tensor | None) -> dict[str
     return terms
 
 
-def _reference_features(model: nn.Module, family: ModelFamily, forward, inputs, pixel_values) -> torch.Tensor:
+def _reference_run(
+    model: nn.Module, family: ModelFamily, forward, inputs, pixel_values, what: str
+) -> FamilyOutput:
+    """One no-grad pass of the adapter-disabled (pre-trained) model, deterministic like the attack."""
     disable_adapter = getattr(model, "disable_adapter", None)
     if disable_adapter is None:
         raise ValueError(
-            "consistency_weight > 0 needs a PEFT model (the reference is the adapter-disabled model); got "
-            f"{type(model).__name__}."
+            f"{what} needs a PEFT model (the reference is the adapter-disabled model); got {type(model).__name__}."
         )
     with torch.no_grad(), attack_mode(model), disable_adapter():
-        features = family.run(forward, inputs, pixel_values, want_features=True).features
+        return family.run(forward, inputs, pixel_values.detach(), want_features=True)
+
+
+def _reference_features(model: nn.Module, family: ModelFamily, forward, inputs, pixel_values) -> torch.Tensor:
+    features = _reference_run(model, family, forward, inputs, pixel_values, "consistency_weight > 0").features
     if features is None:
         raise ValueError("this model exposes no image features, so consistency_weight must be 0.")
     return features
@@ -250,6 +257,7 @@ def ran_loss(
     epsilon, text_epsilon = config.epsilon * ramp, config.text_epsilon * ramp
     kl_weight = config.kl_weight * ramp
     mix = config.adversarial_weight
+    clean_weight, adversarial_weight = config.task_weight * (1 - mix), config.task_weight * mix
     pixel_values = inputs["pixel_values"]
     wants_features = config.covariance_weight > 0 or config.spectrum_weight > 0
     parts: dict[str, torch.Tensor] = {}
@@ -257,9 +265,8 @@ def ran_loss(
     if epsilon == 0 and text_epsilon == 0:
         want_features = wants_features or config.consistency_weight > 0
         clean = family.run(forward, inputs, pixel_values, want_features=want_features, extra=extra)
-        loss = clean.loss
+        loss = clean.loss if config.task_weight == 1 else config.task_weight * clean.loss
         parts["clean"] = clean.loss.detach()
-        logits = clean.logits.detach() if clean.logits is not None else None
         for name, term in _feature_terms(config, clean.features).items():
             loss = loss + share * getattr(config, f"{name}_weight") * term
             parts[name] = term.detach()
@@ -272,7 +279,27 @@ def ran_loss(
             )  # no perturbation: the clean pass's features
             loss = loss + share * config.consistency_weight * term
             parts["consistency"] = term.detach()
-        return RANOutput(loss=loss, logits=logits, parts=parts, adversarial_pixel_values=pixel_values)
+        if (
+            config.reference_kl_weight > 0
+        ):  # no perturbation: the KL to the pre-trained model at the clean input
+            reference_logits = _reference_run(
+                model, family, forward, inputs, pixel_values, "reference_kl_weight > 0"
+            ).logits
+            term = rectification_kl(
+                reference_logits,
+                clean.logits,
+                clean.logits_mask,
+                temperature=config.kl_temperature,
+                detach_clean=True,
+            )
+            loss = loss + share * config.reference_kl_weight * term
+            parts["reference_kl"] = term.detach()
+        return RANOutput(
+            loss=loss,
+            logits=clean.logits.detach() if clean.logits is not None else None,
+            parts=parts,
+            adversarial_pixel_values=pixel_values,
+        )
 
     text = TextPerturbation(token_embedding(model), text_epsilon) if text_epsilon > 0 else None
     text_context = (
@@ -283,7 +310,9 @@ def ran_loss(
     #    first step) and the clean loss's parameter gradients (carried into the final loss by a surrogate).
     #    Plain PGD adversarial training (no clean term, no KL, no free start) skips it.
     free = config.free_start
-    needs_clean = free or mix < 1 or config.kl_weight > 0 or wants_features or config.attack_loss == "kl"
+    needs_clean = (
+        free or clean_weight > 0 or config.kl_weight > 0 or wants_features or config.attack_loss == "kl"
+    )
     first_gradient = first_text_gradient = None
     clean = None
     loss = torch.zeros((), device=pixel_values.device)
@@ -311,7 +340,7 @@ def ran_loss(
             )
         clean = replace(clean, logits=None)
     if clean is not None and free:
-        trainable = [p for p in model.parameters() if p.requires_grad] if mix < 1 else []
+        trainable = [p for p in model.parameters() if p.requires_grad] if clean_weight > 0 else []
         if trainable and _is_fully_sharded(model):
             raise ValueError(
                 "RANConfig.free_start=True takes the clean loss's parameter gradients with torch.autograd.grad, "
@@ -328,10 +357,10 @@ def ran_loss(
         if text_targets:
             first_text_gradient = gradients[1]
         if trainable:
-            loss = loss + (1 - mix) * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
-        loss = loss + (1 - mix) * clean.loss.detach()
+            loss = loss + clean_weight * (_gradient_surrogate(trainable, gradients[1 + len(text_targets) :]))
+        loss = loss + clean_weight * clean.loss.detach()
     elif clean is not None:
-        loss = loss + (1 - mix) * clean.loss
+        loss = loss + clean_weight * clean.loss
     if clean is not None:
         parts["clean"] = clean.loss.detach()
         clean = None
@@ -353,9 +382,16 @@ def ran_loss(
         text.detach()
         text.step(first_text_gradient, budget.text_step_size)
 
+    reference = None
+    if config.consistency_weight > 0 or config.attack_loss == "consistency":
+        reference = _reference_features(model, family, forward, inputs, pixel_values)
+
     def attack_objective(adversarial_pixels: torch.Tensor, text_perturbation) -> torch.Tensor:
+        features_attack = config.attack_loss == "consistency"
         with text_context(track_gradient=True):
-            attacked = family.run(forward, inputs, adversarial_pixels)
+            attacked = family.run(forward, inputs, adversarial_pixels, want_features=features_attack)
+        if features_attack:
+            return feature_consistency(attacked.features, reference)
         if config.attack_loss == "kl":
             return rectification_kl(
                 clean_logits.detach(),
@@ -390,11 +426,11 @@ def ran_loss(
             forward, inputs, adversarial_pixels, want_features=config.consistency_weight > 0, extra=extra
         )
     _require_logits(model, config, adversarial)
-    if mix > 0:
-        loss = loss + mix * adversarial.loss
+    if adversarial_weight > 0:
+        loss = loss + adversarial_weight * adversarial.loss
     parts["adversarial"] = adversarial.loss.detach()
     if config.kl_weight > 0:
-        if kl_rows is not None and mix > 0 and adversarial.loss.requires_grad:
+        if kl_rows is not None and adversarial_weight > 0 and adversarial.loss.requires_grad:
             # The adversarial task loss sends a dense gradient to these logits: the KL's rows join it in place.
             rows = kl_rows.to(adversarial.logits.device)
             adversarial_rows = _RowsWithSparseGradient.apply(adversarial.logits, rows)
@@ -409,8 +445,20 @@ def ran_loss(
         )
         loss = loss + share * kl_weight * kl
         parts["kl"] = kl.detach()
+    if config.reference_kl_weight > 0:
+        reference_logits = _reference_run(
+            model, family, forward, inputs, adversarial_pixels, "reference_kl_weight > 0"
+        ).logits
+        term = rectification_kl(
+            reference_logits,
+            adversarial.logits,
+            adversarial.logits_mask,
+            temperature=config.kl_temperature,
+            detach_clean=True,
+        )
+        loss = loss + share * config.reference_kl_weight * term
+        parts["reference_kl"] = term.detach()
     if config.consistency_weight > 0:
-        reference = _reference_features(model, family, forward, inputs, pixel_values)
         term = feature_consistency(adversarial.features, reference)
         loss = loss + share * config.consistency_weight * term
         parts["consistency"] = term.detach()

@@ -23,7 +23,7 @@ def _load(name: str):
     return module
 
 
-def _tiny(model_dir, out):
+def _tiny(model_dir, out, attack="pgd"):
     return [
         "--out",
         str(out),
@@ -37,42 +37,87 @@ def _tiny(model_dir, out):
         "8",
         "--eval-size",
         "8",
+        "--eval-attack",
+        attack,
         "--eval-attack-steps",
         "11",
         "--no-progress",
     ]
 
 
-def _check_run(run):
+def _check_run(run, attack="pgd"):
     assert 0 <= run["clean_acc"] <= 1
     assert set(run["robust_acc"]) == EPSILONS
     assert all(0 <= value <= run["clean_acc"] + 1e-9 for value in run["robust_acc"].values())
-    assert run["train_seconds"] > 0
-    assert run["attack"]["steps"] == 11 and run["attack"]["restarts"] == 1
+    assert run["train_seconds"] > 0 and run["median_step_seconds"] > 0
+    if attack == "pgd":
+        assert run["attack"]["steps"] == 11 and run["attack"]["restarts"] == 1
+    else:
+        assert run["attack"]["name"] == "AutoAttack-quick"
+        for key in EPSILONS:
+            after = list(run["per_attack"][key].values())
+            assert after == sorted(after, reverse=True) and after[-1] == run["robust_acc"][key]
     assert run["loss_log"] and all("loss" in entry for entry in run["loss_log"])
 
 
-# ~10 s of CPU; 30 s on a busy 2-core machine
+# ~60 s on a busy 2-core machine
 @pytest.mark.slow
 def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
     out = tmp_path / "robustness.json"
-    returned = _load("robustness").main(_tiny(tiny_clip_dir, out))
+    methods = ["lora", "ran", "fgsm_rs", "fare"]
+    arguments = [*_tiny(tiny_clip_dir, out, attack="autoattack-quick"), "--methods", ",".join(methods)]
+    returned = _load("robustness").main([*arguments, "--seeds", "1,2"])
     results = json.loads(out.read_text())
-    assert set(results["methods"]) == {"lora", "pgd_at", "trades", "ran"}
-    assert results["methods"].keys() == returned["methods"].keys()
-    for run in results["methods"].values():
-        _check_run(run)
-    assert results["methods"]["lora"]["step_time_ratio_to_lora"] == pytest.approx(1.0)
-    assert (
-        results["recipes"]["pgd_at"]["attack_steps"] == 10 and results["recipes"]["ran"]["attack_steps"] == 1
+    assert list(results["runs"]) == methods and results["seeds"] == [1, 2]
+    assert results["runs"].keys() == returned["runs"].keys()
+    for seeds in results["runs"].values():
+        assert set(seeds) == {"1", "2"}
+        for run in seeds.values():
+            _check_run(run, attack="autoattack-quick")
+            assert run["train_time_ratio_to_lora"] > 0 and run["median_step_ratio_to_lora"] > 0
+    summary = results["summary"]
+    assert summary["lora"]["train_time_ratio_to_lora"]["mean"] == pytest.approx(1.0)
+    ran = summary["ran"]
+    assert results["end_to_end_over_median_step_ratio"] == pytest.approx(
+        ran["train_time_ratio_to_lora"]["mean"] / ran["median_step_ratio_to_lora"]["mean"]
     )
-    assert results["recipes"]["lora"]["epsilon"] == 0
+    clean = [run["clean_acc"] for run in results["runs"]["ran"].values()]
+    assert ran["clean_acc"]["mean"] == pytest.approx(sum(clean) / 2) and ran["clean_acc"]["n"] == 2
+    assert (
+        results["recipes"]["fare"]["task_weight"] == 0
+        and results["recipes"]["fare"]["attack_loss"] == "consistency"
+    )
+    assert results["recipes"]["ran"]["attack_steps"] == 1 and results["recipes"]["lora"]["epsilon"] == 0
     assert {"machine", "torch_version", "seed", "settings"} <= set(results)
-    assert results["settings"]["max_steps"] == 2 and results["settings"]["eval_attack_steps"] == 11
     table = (tmp_path / "robustness.md").read_text()
-    assert "| method | clean | robust @1/255 | robust @2/255 | robust @4/255 |" in table
-    assert all(f"| {name} |" in table for name in ("lora", "pgd_at", "trades", "ran"))
+    assert "| method | clean | robust @1/255 | robust @2/255 | robust @4/255 | train time / LoRA |" in table
+    assert all(f"| {name} |" in table for name in methods) and "AutoAttack-quick" in table
+    assert "after apgd-ce" in table and "after square" in table
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # one process per seed, joined afterwards: the same summary as one process over both seeds
+    halves = []
+    for seed in ("1", "2"):
+        half = {
+            **results,
+            "seeds": [int(seed)],
+            "runs": {m: {seed: r[seed]} for m, r in results["runs"].items()},
+        }
+        halves.append(tmp_path / f"seed{seed}.json")
+        halves[-1].write_text(json.dumps(half))
+    merged = _load("robustness").main(
+        ["--out", str(tmp_path / "merged.json"), "--merge", ",".join(map(str, halves))]
+    )
+    for name, entry in summary.items():
+        assert merged["summary"][name]["clean_acc"] == pytest.approx(entry["clean_acc"])
+        assert merged["summary"][name]["robust_acc"] == entry["robust_acc"] or all(
+            merged["summary"][name]["robust_acc"][k] == pytest.approx(v)
+            for k, v in entry["robust_acc"].items()
+        )
+        assert merged["summary"][name]["train_time_ratio_to_lora"] == pytest.approx(
+            entry["train_time_ratio_to_lora"]
+        )
+    assert merged["seeds"] == [1, 2] and (tmp_path / "merged.md").exists()
 
 
 def test_robustness_refuses_an_evaluation_attack_no_stronger_than_training(tmp_path, tiny_clip_dir):

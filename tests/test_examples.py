@@ -58,6 +58,11 @@ def test_finetune_runs_offline_and_writes_an_adapter_stock_peft_loads(tmp_path, 
     for run in metrics["runs"].values():
         assert 0 <= run["clean_accuracy"] <= 1 and set(run["robust_accuracy"]) == {"1/255", "2/255", "4/255"}
     assert "ran/kl" in metrics["train_log"][-1]
+    # the reported robust accuracy is AutoAttack's (the quick variant by default), named in the card and the JSON
+    assert metrics["attack"]["name"] == "AutoAttack-quick"
+    assert all(run["attack"]["name"] == "AutoAttack-quick" for run in metrics["runs"].values())
+    card = (out / "README.md").read_text()
+    assert "AutoAttack-quick" in card and "APGD-T" in card and "PGD-10" not in card
     assert "clean" in result.stdout and "@4/255" in result.stdout
     check = (
         "import sys; from transformers import CLIPModel; from peft import PeftModel; "
@@ -77,6 +82,7 @@ def test_finetune_runs_offline_and_writes_an_adapter_stock_peft_loads(tmp_path, 
         (["--push-to-hub"], "--push-to-hub needs --hub-repo-id"),
         (["--max-steps", "0"], "--max-steps=0"),
         (["--task", "tumour"], "--task='tumour' must be one of finding, modality"),
+        (["--eval-attack", "fgsm"], "--eval-attack='fgsm' must be one of autoattack"),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line_and_write_nothing(tmp_path, tiny_clip_dir, args, message):

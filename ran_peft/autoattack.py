@@ -1,0 +1,410 @@
+"""The reported robust accuracy: AutoAttack's standard set (APGD-CE, APGD-T, FAB-T, Square, from torchattacks) with
+the per-sample worst case for class-prediction models, the strongest white-box attack on the answer tokens for
+generative VLMs, and the masking checks that come with them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ran_peft.evaluation import (
+    Batch,
+    GradientMaskingWarning,
+    RobustnessReport,
+    _evaluation_mode,
+    _model_device,
+    _to_device,
+    _warn_failed_checks,
+    evaluate_robustness,
+    format_epsilon,
+    parse_epsilon,
+)
+from ran_peft.families import (
+    DualEncoderFamily,
+    GenerativeFamily,
+    ModelFamily,
+    detect_family,
+)
+from ran_peft.pixels import PixelBox
+
+# ----------------------------------------------------------------------------------------------------------------
+# AutoAttack: the reported robust accuracy of class-prediction models
+# ----------------------------------------------------------------------------------------------------------------
+
+AUTOATTACK_VERSIONS = ("standard", "quick")
+
+
+@dataclass(frozen=True)
+class AutoAttackSettings:
+    """The attacks of one AutoAttack run, in the order they run (each on the samples the earlier ones left).
+
+    `standard` is AutoAttack's standard set as RobustBench runs it (Croce and Hein 2020): APGD-CE and APGD-T (100
+    iterations, 9 target classes at most), FAB-T (100 iterations, 9 targets at most), Square (5000 queries). `quick`
+    is the same four attacks with fewer iterations, targets and queries; it is named as such wherever it is
+    reported, never as AutoAttack.
+    """
+
+    version: str
+    apgd_steps: int = 100
+    targets: int = 9
+    fab_steps: int = 100
+    square_queries: int = 5000
+    large_epsilon: float = 32 / 255
+    large_steps: int = 100  # APGD-CE iterations of the large-budget check
+
+    @property
+    def name(self) -> str:
+        return "AutoAttack" if self.version == "standard" else f"AutoAttack-{self.version}"
+
+    def describe(self, classes: int | None = None) -> str:
+        targets = self.targets if classes is None else min(self.targets, classes - 1)
+        return (
+            f"{self.name} (torchattacks: APGD-CE {self.apgd_steps} it., APGD-T {self.apgd_steps} it. x {targets} "
+            f"targets, FAB-T {self.fab_steps} it. x {targets} targets, Square {self.square_queries} queries; "
+            "L-inf in [0, 1] pixel units; per-sample worst case)"
+        )
+
+
+AUTOATTACK_SETTINGS = {
+    "standard": AutoAttackSettings("standard"),
+    "quick": AutoAttackSettings(
+        "quick", apgd_steps=20, targets=3, fab_steps=10, square_queries=100, large_steps=10
+    ),
+}
+
+
+class PixelSpaceClassifier(nn.Module):
+    """A class-prediction model as torchattacks expects it: pixels `(N, C, H, W)` in [0, 1] -> class logits.
+
+    The pixels are normalised for the model in `to_model_inputs` (the one place that knows the model's pixel layout
+    and normalisation; `to_pixels` is its inverse). Prompt-classifying dual encoders give the image-to-prompt
+    logits. The wrapper never changes the model's train/eval modes (torchattacks calls `eval()`/`train()` on it):
+    the evaluation sets them once with `attack_mode`, which keeps the flags some layers need.
+    """
+
+    def __init__(self, model: nn.Module, family: ModelFamily, pixel_box: PixelBox, dtype: torch.dtype):
+        super().__init__()
+        if isinstance(family, GenerativeFamily):
+            raise ValueError(
+                "AutoAttack scores class predictions; a generative VLM's answers are token sequences. "
+                "Use evaluate_robust_accuracy, which runs PGD on the answer-token loss for them."
+            )
+        if isinstance(family, DualEncoderFamily) and family.class_text_inputs is None:
+            raise ValueError(
+                "AutoAttack on a dual encoder needs `class_text_inputs` (one tokenised prompt per class): without "
+                "them there are no class logits, only in-batch retrieval, which depends on the whole batch."
+            )
+        self.model = model
+        self.family = family
+        self.pixel_box = pixel_box
+        self.dtype = dtype
+
+    def to_model_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the normalised `pixel_values` the model takes."""
+        return self.pixel_box.from_pixels(pixels).to(self.dtype)
+
+    def to_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's `pixel_values` -> [0, 1] pixels (float32)."""
+        return self.pixel_box.to_pixels(pixel_values)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        inputs: dict[str, Any] = {}
+        if isinstance(
+            self.family, DualEncoderFamily
+        ):  # labels select prompt classification; the loss is unused
+            inputs["labels"] = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        return self.family.run(self.model, inputs, self.to_model_inputs(pixels)).logits.float()
+
+    def train(self, mode: bool = True) -> PixelSpaceClassifier:
+        return self
+
+
+def _autoattack_steps(settings: AutoAttackSettings, epsilon: float, classes: int, seed: int):
+    """The four attacks of `settings` at one budget, as (name, factory(classifier) -> torchattacks attack)."""
+    import torchattacks
+
+    targets = min(settings.targets, classes - 1) + 1  # torchattacks takes n_classes = targets + 1
+    return [
+        (
+            "apgd-ce",
+            lambda m: torchattacks.APGD(
+                m, norm="Linf", eps=epsilon, steps=settings.apgd_steps, seed=seed, loss="ce"
+            ),
+        ),
+        (
+            "apgd-t",
+            lambda m: torchattacks.APGDT(
+                m, norm="Linf", eps=epsilon, steps=settings.apgd_steps, seed=seed, n_classes=targets
+            ),
+        ),
+        (
+            "fab-t",
+            lambda m: torchattacks.FAB(
+                m,
+                norm="Linf",
+                eps=epsilon,
+                steps=settings.fab_steps,
+                seed=seed,
+                multi_targeted=True,
+                n_classes=targets,
+            ),
+        ),
+        (
+            "square",
+            lambda m: torchattacks.Square(
+                m, norm="Linf", eps=epsilon, n_queries=settings.square_queries, seed=seed
+            ),
+        ),
+    ]
+
+
+def _within_budget(adversarial: torch.Tensor, pixels: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """`adversarial` projected on the L-inf ball of `pixels` and the [0, 1] box (guards against attack overshoot)."""
+    return torch.minimum(torch.maximum(adversarial.float(), pixels - epsilon), pixels + epsilon).clamp(
+        0.0, 1.0
+    )
+
+
+def autoattack_cascade(
+    classifier: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    robust: torch.Tensor,
+    epsilon: float,
+    attacks: Sequence[tuple[str, Any]],
+) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+    """Run `attacks` in turn, each on the samples still robust; a sample is robust if no attack fooled it.
+
+    `robust` (bool `[N]`) says which samples start robust (the clean-correct ones). Every adversarial example is
+    projected on the budget and the pixel box and scored by a fresh forward pass, so a sample counts as fooled only
+    by an input inside the threat model. Returns the final robust mask and, per attack, how many samples it fooled,
+    how many stayed robust after it, and the largest L-inf perturbation it returned (pixel units, before the guard).
+    """
+    robust = robust.clone()
+    per_attack: dict[str, dict[str, float]] = {}
+    for name, make in attacks:
+        rows = robust.nonzero().flatten()
+        fooled_count, largest = 0, 0.0
+        if rows.numel():
+            attack = make(classifier)
+            returned = attack(pixels[rows], labels[rows]).detach()
+            # what the attack itself returned, before the guard below: the budget test reads it
+            largest = float((returned.float() - pixels[rows]).abs().flatten(1).amax(1).max())
+            adversarial = _within_budget(returned, pixels[rows], epsilon)
+            with torch.no_grad():
+                fooled = classifier(adversarial).argmax(-1).ne(labels[rows])
+            robust[rows[fooled]] = False
+            fooled_count = int(fooled.sum())
+        per_attack[name] = {
+            "fooled": fooled_count,
+            "robust_after": int(robust.sum()),
+            "max_perturbation": largest,
+        }
+    return robust, per_attack
+
+
+def evaluate_autoattack(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    pixel_box: PixelBox,
+    epsilons: Sequence[float | str] = (1 / 255, 2 / 255, 4 / 255),
+    version: str | AutoAttackSettings = "standard",
+    class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    tolerance: float = 0.01,
+    large_budget_tolerance: float = 0.05,
+) -> RobustnessReport:
+    """Clean accuracy and AutoAttack robust accuracy (per-sample worst case) of a class-prediction model.
+
+    `version="standard"` runs AutoAttack's standard set (APGD-CE, APGD-T, FAB-T, Square, from torchattacks) at each
+    L-inf budget of `epsilons` ([0, 1] pixel units; `pixel_box` converts them); `version="quick"` the same attacks
+    with fewer iterations (reported as `AutoAttack-quick`). A sample is robust at a budget if it is right on the
+    clean input and no attack fooled it. `report.attack["per_attack"]` holds, per budget and attack, the accuracy
+    left after it. Classifiers and prompt-classifying dual encoders (`class_text_inputs`) only.
+
+    Budgets run from the smallest up, each on the samples the smaller one left (a sample fooled inside a small ball
+    is fooled inside every larger one), so accuracy cannot rise with the budget. Gradient-masking checks (warned with
+    `GradientMaskingWarning`, recorded in `report.checks`): the black-box Square fools no more than `tolerance` of the samples the white-box attacks
+    left; APGD-CE at `settings.large_epsilon` (32/255) leaves at most `large_budget_tolerance` accurate. The random
+    state of the caller is restored afterwards (torchattacks seeds torch's global generator).
+    """
+    if isinstance(version, AutoAttackSettings):
+        settings = version
+    elif version in AUTOATTACK_SETTINGS:
+        settings = AUTOATTACK_SETTINGS[version]
+    else:
+        raise ValueError(
+            f"version must be one of {sorted(AUTOATTACK_SETTINGS)} or an AutoAttackSettings, got {version!r}."
+        )
+    values: dict[str, float] = {}
+    for epsilon in epsilons:
+        value = parse_epsilon(epsilon)
+        if value <= 0:
+            raise ValueError(f"AutoAttack budgets must be > 0 pixel units, got {epsilon!r}.")
+        values.setdefault(format_epsilon(value), value)
+    if not values:
+        raise ValueError("epsilons must hold at least one budget.")
+    keys = sorted(values, key=values.get)
+    family = detect_family(model, class_text_inputs)
+    device = _model_device(model)
+    total = clean_right = large_right = 0
+    robust_right = dict.fromkeys(keys, 0)
+    per_attack: dict[str, dict[str, dict[str, float]]] = {key: {} for key in keys}
+    classes = None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _evaluation_mode(model):
+        for batch in batches:
+            inputs = _to_device(batch, device)
+            family.check_inputs(inputs)
+            labels = inputs.get("labels")
+            if labels is None:
+                raise ValueError("AutoAttack needs `labels` (class indices) in every batch.")
+            classifier = PixelSpaceClassifier(model, family, pixel_box, inputs["pixel_values"].dtype)
+            pixels = classifier.to_pixels(inputs["pixel_values"]).clamp(0.0, 1.0)
+            scored = labels.ne(-100)
+            pixels, labels = pixels[scored], labels[scored]
+            if labels.numel() == 0:
+                continue
+            with torch.no_grad():
+                logits = classifier(pixels)
+            classes = logits.shape[-1]
+            if classes < 4:
+                raise ValueError(
+                    f"AutoAttack's targeted attacks need at least 4 classes (their DLR loss reads the 4th logit); "
+                    f"this model has {classes}. Use evaluate_robustness (PGD) instead."
+                )
+            clean = logits.argmax(-1).eq(labels)
+            total += labels.numel()
+            clean_right += int(clean.sum())
+            # Budgets from the smallest up: a sample fooled at a smaller budget is fooled at every larger one (its
+            # adversarial example lies inside the larger ball too), so only the survivors are attacked again.
+            robust = clean
+            for key in keys:
+                attacks = _autoattack_steps(settings, values[key], classes, seed)
+                robust, counts = autoattack_cascade(classifier, pixels, labels, robust, values[key], attacks)
+                robust_right[key] += int(robust.sum())
+                for name, numbers in counts.items():
+                    entry = per_attack[key].setdefault(
+                        name, {"fooled": 0, "robust_after": 0, "max_perturbation": 0.0}
+                    )
+                    entry["fooled"] += numbers["fooled"]
+                    entry["robust_after"] += numbers["robust_after"]
+                    entry["max_perturbation"] = max(entry["max_perturbation"], numbers["max_perturbation"])
+            large_settings = replace(settings, apgd_steps=settings.large_steps)
+            large = _autoattack_steps(large_settings, settings.large_epsilon, classes, seed)[:1]
+            survived, _ = autoattack_cascade(classifier, pixels, labels, clean, settings.large_epsilon, large)
+            large_right += int(survived.sum())
+    if total == 0:
+        raise ValueError("no sample could be scored: the batches were empty or every label was -100.")
+
+    robust_accuracy = {key: robust_right[key] / total for key in keys}
+    checks = {
+        "epsilon_zero_equals_clean": {"passed": None, "skipped": "AutoAttack has no zero budget"},
+        "non_increasing_in_epsilon": {
+            "passed": None,
+            "skipped": "non-increasing by construction: each budget's attacks start from the smaller budget's survivors",
+        },
+    }
+    square_share = {key: per_attack[key]["square"]["fooled"] / total for key in keys}
+    checks["black_box_not_stronger"] = {
+        "passed": all(share <= tolerance for share in square_share.values()),
+        "square_fooled_after_white_box": square_share,
+        "tolerance": tolerance,
+    }
+    large_accuracy = large_right / total
+    checks["large_budget_near_zero"] = {
+        "passed": large_accuracy <= large_budget_tolerance,
+        "epsilon": format_epsilon(settings.large_epsilon),
+        "attack": f"APGD-CE {settings.large_steps} it.",
+        "accuracy": large_accuracy,
+        "tolerance": large_budget_tolerance,
+    }
+    _warn_failed_checks(checks)
+    _warn_autoattack_checks(checks)
+    attack_info = {
+        "name": settings.name,
+        "description": settings.describe(classes),
+        "version": settings.version,
+        "attacks": [name for name, _ in _autoattack_steps(settings, 1.0, classes or 10, seed)],
+        "norm": "linf",
+        "seed": seed,
+        "per_attack": {
+            key: {
+                name: {**numbers, "accuracy_after": numbers["robust_after"] / total}
+                for name, numbers in per_attack[key].items()
+            }
+            for key in keys
+        },
+    }
+    return RobustnessReport(clean_right / total, robust_accuracy, attack_info, total, checks)
+
+
+def _warn_autoattack_checks(checks: Mapping[str, Mapping[str, Any]]) -> None:
+    black_box = checks.get("black_box_not_stronger", {})
+    if black_box.get("passed") is False:
+        warnings.warn(
+            "GRADIENT MASKING SUSPECTED: the black-box Square attack fooled samples every white-box attack missed "
+            f"(share of samples per budget: {black_box['square_fooled_after_white_box']}); the gradients the "
+            "white-box attacks follow do not lead to the adversarial examples the model has.",
+            GradientMaskingWarning,
+            stacklevel=3,
+        )
+    large = checks.get("large_budget_near_zero", {})
+    if large.get("passed") is False:
+        warnings.warn(
+            f"GRADIENT MASKING SUSPECTED: at epsilon {large['epsilon']} {large['attack']} still leaves "
+            f"{large['accuracy']:.4f} accurate; a budget that large should bring any model near 0.",
+            GradientMaskingWarning,
+            stacklevel=3,
+        )
+
+
+def evaluate_robust_accuracy(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    pixel_box: PixelBox,
+    epsilons: Sequence[float | str] = (1 / 255, 2 / 255, 4 / 255),
+    quick: bool = False,
+    class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> RobustnessReport:
+    """The robust accuracy to report: AutoAttack (or AutoAttack-quick) for class predictions; for generative VLMs,
+    whose answers AutoAttack cannot score, PGD-100 with 3 restarts on the answer-token loss (PGD-50, 2 restarts,
+    when `quick`), labelled with what it is.
+    """
+    family = detect_family(model, class_text_inputs)
+    if isinstance(family, GenerativeFamily) or (
+        isinstance(family, DualEncoderFamily) and class_text_inputs is None
+    ):
+        steps, restarts = (50, 2) if quick else (100, 3)
+        report = evaluate_robustness(
+            model,
+            batches,
+            pixel_box=pixel_box,
+            epsilons=epsilons,
+            steps=steps,
+            restarts=restarts,
+            class_text_inputs=class_text_inputs,
+            seed=seed,
+        )
+        report.attack["description"] = (
+            f"PGD-{steps}, {restarts} restarts, on the {family.name} task loss (AutoAttack needs class predictions); "
+            "per-sample worst case"
+        )
+        return report
+    return evaluate_autoattack(
+        model,
+        batches,
+        pixel_box=pixel_box,
+        epsilons=epsilons,
+        version="quick" if quick else "standard",
+        class_text_inputs=class_text_inputs,
+        seed=seed,
+    )
