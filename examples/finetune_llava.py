@@ -128,7 +128,15 @@ class LlavaFinetuneArguments:
     eval_epsilons: str = field(
         default="2/255,4/255", metadata={"help": "Comma-separated attack budgets of the evaluation."}
     )
-    eval_attack_steps: int = field(default=5, metadata={"help": "PGD steps of the evaluation attack."})
+    eval_attack: str = field(
+        default="autoattack-quick",
+        metadata={
+            "help": "Attack of the reported robust accuracy. For a generative VLM, whose answers AutoAttack cannot "
+            "score: autoattack = PGD-100 with 3 restarts on the answer-token loss, autoattack-quick = PGD-50 with 2 "
+            "restarts (both labelled), pgd = the project's PGD with --eval-attack-steps."
+        },
+    )
+    eval_attack_steps: int = field(default=5, metadata={"help": "PGD steps with --eval-attack pgd."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -149,6 +157,10 @@ def check_arguments(args: LlavaFinetuneArguments):
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
+    from ran_peft.experiments import EVAL_ATTACKS
+
+    if args.eval_attack not in EVAL_ATTACKS:
+        raise UsageError(f"--eval-attack={args.eval_attack!r} must be one of {', '.join(EVAL_ATTACKS)}.")
     epsilons = parse_budgets(args.eval_epsilons)
     check_output_and_quantisation(args)
     return ran_config_from_arguments(args), epsilons
