@@ -150,6 +150,29 @@ def _reference_run(
         return family.run(forward, inputs, pixel_values.detach(), want_features=True)
 
 
+def _reference_kl(
+    model: nn.Module,
+    family: ModelFamily,
+    forward,
+    inputs,
+    pixel_values,
+    output: FamilyOutput,
+    config: RANConfig,
+) -> torch.Tensor:
+    """KL(p_0(pixels) || p_theta(pixels)): the prediction of the adapter-disabled model at the pixels `output` was
+    computed on, against `output`'s (PMG-AFT-style)."""
+    reference_logits = _reference_run(
+        model, family, forward, inputs, pixel_values, "reference_kl_weight > 0"
+    ).logits
+    return rectification_kl(
+        reference_logits,
+        output.logits,
+        output.logits_mask,
+        temperature=config.kl_temperature,
+        detach_clean=True,
+    )
+
+
 def _reference_features(model: nn.Module, family: ModelFamily, forward, inputs, pixel_values) -> torch.Tensor:
     features = _reference_run(model, family, forward, inputs, pixel_values, "consistency_weight > 0").features
     if features is None:
@@ -282,16 +305,7 @@ def ran_loss(
         if (
             config.reference_kl_weight > 0
         ):  # no perturbation: the KL to the pre-trained model at the clean input
-            reference_logits = _reference_run(
-                model, family, forward, inputs, pixel_values, "reference_kl_weight > 0"
-            ).logits
-            term = rectification_kl(
-                reference_logits,
-                clean.logits,
-                clean.logits_mask,
-                temperature=config.kl_temperature,
-                detach_clean=True,
-            )
+            term = _reference_kl(model, family, forward, inputs, pixel_values, clean, config)
             loss = loss + share * config.reference_kl_weight * term
             parts["reference_kl"] = term.detach()
         return RANOutput(
@@ -446,16 +460,7 @@ def ran_loss(
         loss = loss + share * kl_weight * kl
         parts["kl"] = kl.detach()
     if config.reference_kl_weight > 0:
-        reference_logits = _reference_run(
-            model, family, forward, inputs, adversarial_pixels, "reference_kl_weight > 0"
-        ).logits
-        term = rectification_kl(
-            reference_logits,
-            adversarial.logits,
-            adversarial.logits_mask,
-            temperature=config.kl_temperature,
-            detach_clean=True,
-        )
+        term = _reference_kl(model, family, forward, inputs, adversarial_pixels, adversarial, config)
         loss = loss + share * config.reference_kl_weight * term
         parts["reference_kl"] = term.detach()
     if config.consistency_weight > 0:

@@ -71,10 +71,10 @@ def test_deterministic_training_mode_restores_an_eval_model():
 # -- bitsandbytes' packed CPU weights -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def four_bit_clip(tmp_path, monkeypatch):
-    """A tiny 4-bit CLIP whose layers take bitsandbytes' AVX512-BF16 inference path on any CPU: a forward in eval
-    mode with an input that needs no gradient would repack the weight (the spy makes that an error)."""
+@pytest.fixture(params=[True, False], ids=["avx512-bf16-path", "generic-cpu-path"])
+def four_bit_clip(request, tmp_path, monkeypatch):
+    """A tiny 4-bit CLIP on either of bitsandbytes' CPU paths, whatever this CPU has. On the AVX512-BF16 one, a forward
+    in eval mode with an input that needs no gradient would repack the weight (the spy makes that an error)."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.nn.modules as bnb_modules
     from transformers import BitsAndBytesConfig, CLIPModel
@@ -88,7 +88,7 @@ def four_bit_clip(tmp_path, monkeypatch):
     layers = [module for module in base.modules() if isinstance(module, bnb_modules.Linear4bit)]
     assert layers
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = True
+        layer.support_avx512bf16_for_cpu = request.param
 
     def repack(*args, **kwargs):
         raise AssertionError("a 4-bit layer saw eval mode and repacked its weight for inference")
