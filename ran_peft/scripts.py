@@ -358,7 +358,20 @@ def train_measure_and_save(
             print(push_adapter(output, args.hub_repo_id))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        _end_process_group()
     return metrics
+
+
+def _end_process_group() -> None:
+    """Tear down the `torchrun` process group before the interpreter exits.
+
+    Left alive, gloo's threads can outlive the interpreter's teardown: the process then aborts with `terminate called
+    without an active exception` (SIGABRT) after everything is saved, and `torchrun` reports the run as failed.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def report_errors(job: Callable[[], object]) -> int:

@@ -219,6 +219,11 @@ def main() -> None:
         fsdp=cli.fsdp,
         find_unused_parameters=find_unused,
     )
+    if torch.distributed.is_initialized():
+        # Without this, gloo's threads can still be running when the interpreter exits: `terminate called without
+        # an active exception` (SIGABRT) after training has finished and every file is written, in ~1 run of 6.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
