@@ -7,7 +7,10 @@ FAB-T, Square from torchattacks; `--eval-attack autoattack`, or the `autoattack-
 each budget, per-sample worst case. Train time is a ratio to LoRA's in the same seed's run, end to end and per
 median optimiser step. Writes FILE.json, FILE.md (tables) and FILE.png (clean vs robust, labelled by time ratio).
 
-    python benchmarks/robustness.py --out robustness.json [--quick] [--methods lora,ran] [--seeds 42,43,44]
+    python benchmarks/robustness.py --out robustness.json [--quick] [--methods lora,ran] [--seeds 42,43,44] [--jobs 2]
+
+`--jobs N` runs the seeds in N processes at once (one torch thread each unless `--threads` says otherwise) and
+joins their results as `--merge` does; a seed gives the same numbers in a process of its own as in one run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -610,6 +614,52 @@ def merge(paths: list[str], out: Path) -> dict[str, Any]:
     return results
 
 
+def run_seeds_in_processes(argv: list[str], seeds: list[int], jobs: int, threads: int | None, out: Path):
+    """Run this script once per seed, `jobs` processes at a time, then join the per-seed results into `out`.
+
+    Each seed writes `<out stem>-seeds/seed<S>.json` (and its log beside it). The last occurrence of an option wins
+    with argparse, so each child gets the caller's options followed by its own `--seeds`, `--out`, `--jobs` and
+    `--threads`.
+    """
+    folder = out.with_name(f"{out.stem}-seeds")
+    folder.mkdir(parents=True, exist_ok=True)
+    threads = threads or 1
+    pending = list(seeds)
+    running: list[tuple[int, subprocess.Popen, Path, Any]] = []
+    parts: list[str] = []
+    failed: list[str] = []
+    started = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            part = folder / f"seed{seed}.json"
+            log = open(part.with_suffix(".log"), "w")  # noqa: SIM115 (closed when the child ends)
+            command = [sys.executable, os.path.abspath(__file__), *argv]
+            command += ["--seeds", str(seed), "--out", str(part), "--jobs", "1", "--threads", str(threads)]
+            print(f"seed {seed}: started, log in {part.with_suffix('.log')}", flush=True)
+            running.append((seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), part, log))
+        time.sleep(1.0)
+        for entry in list(running):
+            seed, process, part, log = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            log.close()
+            if process.returncode == 0:
+                parts.append(str(part))
+                print(f"seed {seed}: done after {time.perf_counter() - started:.0f} s", flush=True)
+            else:
+                failed.append(f"seed {seed} (exit {process.returncode}; see {part.with_suffix('.log')})")
+    if failed:
+        raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished seeds are in {folder}.")
+    results = merge(parts, out)
+    results["total_seconds"] = time.perf_counter() - started
+    results["jobs"] = jobs
+    write_json(results, out)
+    print(f"total {results['total_seconds']:.0f} s with {jobs} processes; wrote {out}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -620,6 +670,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--seeds", default=None, help=f"comma-separated training seeds (default {DEFAULTS['seeds']})"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run the seeds in this many processes at once, then join them (default 1: one process)",
     )
     parser.add_argument(
         "--merge",
@@ -636,6 +692,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown or not methods:
         raise SystemExit(f"error: --methods={args.methods!r}: each must be one of {','.join(METHODS)}.")
     out = Path(args.out)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs={args.jobs} must be >= 1.")
+    if args.jobs > 1 and len(seeds) > 1:
+        forwarded = list(sys.argv[1:] if argv is None else argv)
+        return run_seeds_in_processes(forwarded, seeds, args.jobs, args.threads, out)
 
     setup = prepare(args)
     configs = peer_configs(default_ran_config(setup), attack_steps=BASELINE_ATTACK_STEPS)

@@ -119,6 +119,23 @@ def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
         )
     assert merged["seeds"] == [1, 2] and (tmp_path / "merged.md").exists()
 
+    # --jobs 2: each seed in a process of its own gives the numbers the single process gave, bit for bit
+    parallel = _load("robustness").main(
+        [*_tiny(tiny_clip_dir, tmp_path / "parallel.json", attack="autoattack-quick")]
+        + ["--methods", "lora,ran", "--seeds", "1,2", "--jobs", "2"]
+    )
+    assert parallel["seeds"] == [1, 2] and parallel["jobs"] == 2
+    assert sorted((tmp_path / "parallel-seeds").glob("seed*.json")) == [
+        tmp_path / "parallel-seeds" / "seed1.json",
+        tmp_path / "parallel-seeds" / "seed2.json",
+    ]
+    for name in ("lora", "ran"):
+        for seed in ("1", "2"):
+            alone, together = parallel["runs"][name][seed], results["runs"][name][seed]
+            assert alone["clean_acc"] == together["clean_acc"]
+            assert alone["robust_acc"] == together["robust_acc"]
+            assert [e["loss"] for e in alone["loss_log"]] == [e["loss"] for e in together["loss_log"]]
+
 
 def test_robustness_refuses_an_evaluation_attack_no_stronger_than_training(tmp_path, tiny_clip_dir):
     arguments = _tiny(tiny_clip_dir, tmp_path / "r.json")
