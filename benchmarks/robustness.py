@@ -508,6 +508,25 @@ def robustness_markdown(results: dict[str, Any]) -> str:
         for name, entry in summary.items():
             cells = " | ".join(_cell(entry["per_attack"][largest][a]) for a in attacks)
             attack_lines.append(f"| {name} | {_cell(entry['clean_acc'])} | {cells} |")
+    seed_keys = [str(seed) for seed in seeds]
+    time_lines = [
+        "",
+        "Train time / LoRA per seed (end to end; in brackets the median step):",
+        "",
+        "| method | " + " | ".join(f"seed {seed}" for seed in seed_keys) + " |",
+        "|" + " --- |" * (len(seed_keys) + 1),
+    ]
+    for name, seed_runs in results["runs"].items():
+        cells = []
+        for seed in seed_keys:
+            run = seed_runs.get(seed, {})
+            if "train_time_ratio_to_lora" in run:
+                step = run.get("median_step_ratio_to_lora")
+                step_text = f" ({step:.2f})" if step is not None else ""
+                cells.append(f"{run['train_time_ratio_to_lora']:.2f}{step_text}")
+            else:
+                cells.append("n/a")
+        time_lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ratio = results.get("end_to_end_over_median_step_ratio")
     runs = {
         f"{name} seed {run['seed']}": run
@@ -523,6 +542,7 @@ def robustness_markdown(results: dict[str, Any]) -> str:
             "",
             *lines,
             *attack_lines,
+            *time_lines,
             "",
             "Train time / LoRA: end-to-end `trainer.train()` time over LoRA's in the same seed's run; median step / "
             "LoRA: the median optimiser step over LoRA's. "
@@ -534,6 +554,7 @@ def robustness_markdown(results: dict[str, Any]) -> str:
             "",
             masking_note(runs),
             "",
+            *([results["note"], ""] if results.get("note") else []),
         ]
     )
 
@@ -637,7 +658,10 @@ def run_seeds_in_processes(argv: list[str], seeds: list[int], jobs: int, threads
             command = [sys.executable, os.path.abspath(__file__), *argv]
             command += ["--seeds", str(seed), "--out", str(part), "--jobs", "1", "--threads", str(threads)]
             print(f"seed {seed}: started, log in {part.with_suffix('.log')}", flush=True)
-            running.append((seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), part, log))
+            # OpenMP threads beyond --threads would contend with the other processes for the same cores
+            environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+            running.append((seed, child, part, log))
         time.sleep(1.0)
         for entry in list(running):
             seed, process, part, log = entry
