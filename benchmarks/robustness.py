@@ -569,6 +569,9 @@ def plot_front(results: dict[str, Any], path: Path) -> None:
 
     summary = results["summary"]
     figure, axis = plt.subplots(figsize=(7, 5))
+    # Labels alternate above and below their points, in order of clean accuracy, so neighbours do not overlap.
+    order = sorted(summary, key=lambda name: summary[name]["clean_acc"]["mean"])
+    offsets = {name: (5, 6) if index % 2 == 0 else (5, -14) for index, name in enumerate(order)}
     for name, entry in summary.items():
         key = list(entry["robust_acc"])[-1]
         clean, robust = entry["clean_acc"], entry["robust_acc"][key]
@@ -584,7 +587,10 @@ def plot_front(results: dict[str, Any], path: Path) -> None:
         ratio = entry.get("train_time_ratio_to_lora", {}).get("mean")
         text = f"{name} ({ratio:.1f}x)" if ratio is not None else name
         axis.annotate(
-            text, (100 * clean["mean"], 100 * robust["mean"]), textcoords="offset points", xytext=(5, 5)
+            text,
+            (100 * clean["mean"], 100 * robust["mean"]),
+            textcoords="offset points",
+            xytext=offsets[name],
         )
     key = list(next(iter(summary.values()))["robust_acc"])[-1] if summary else "?"
     axis.set_xlabel("clean accuracy (%)")

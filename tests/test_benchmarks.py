@@ -93,6 +93,11 @@ def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
     assert "| method | clean | robust @1/255 | robust @2/255 | robust @4/255 | train time / LoRA |" in table
     assert all(f"| {name} |" in table for name in methods) and "AutoAttack-quick" in table
     assert "after apgd-ce" in table and "after square" in table
+    ran_runs = results["runs"]["ran"]
+    assert (
+        f"| ran | {ran_runs['1']['train_time_ratio_to_lora']:.2f} ({ran_runs['1']['median_step_ratio_to_lora']:.2f})"
+        f" | {ran_runs['2']['train_time_ratio_to_lora']:.2f} ({ran_runs['2']['median_step_ratio_to_lora']:.2f}) |"
+    ) in table
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # one process per seed, joined afterwards: the same summary as one process over both seeds
