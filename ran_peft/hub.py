@@ -81,6 +81,7 @@ def model_card_text(
         "",
         "```python",
         "from peft import PeftModel",
+        "",
         "model = PeftModel.from_pretrained(base_model, adapter_repo_id)  # plain LoRA at inference",
         "```",
     ]
