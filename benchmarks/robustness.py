@@ -40,6 +40,7 @@ from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize
 from ran_peft.evaluation import format_epsilon  # noqa: E402
 from ran_peft.experiments import (  # noqa: E402
     ExperimentSettings,
+    clip_ran_config,
     evaluate_adapter,
     peer_configs,
     train_adapter,
@@ -216,13 +217,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 def default_ran_config(setup: Setup) -> RANConfig:
     """The default RAN recipe on the adapter every method shares (rank 8 on the attention q/v projections)."""
-    return RANConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        image_mean=list(setup.pixel_box.mean),
-        image_std=list(setup.pixel_box.std),
-    )
+    return clip_ran_config(setup.pixel_box)
 
 
 def check_evaluation_is_stronger(setup: Setup, configs: dict[str, RANConfig]) -> None:

@@ -22,10 +22,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-from ran_peft import PixelBox, RANConfig  # noqa: E402
+from ran_peft import PixelBox  # noqa: E402
 from ran_peft import experiments as experiments_module  # noqa: E402
 from ran_peft.callback import RANCallback  # noqa: E402
-from ran_peft.experiments import ExperimentSettings, baseline_configs, train_adapter  # noqa: E402
+from ran_peft.experiments import ExperimentSettings, baseline_configs, clip_ran_config, train_adapter  # noqa: E402
 
 METHODS = ("lora", "ran")
 
@@ -69,13 +69,7 @@ def prepare(steps: int, batch_size: int, seed: int = 42):
     )
     box = PixelBox.from_processor(processor)
     settings = ExperimentSettings(max_steps=steps, batch_size=batch_size, seed=seed, progress=False)
-    config = RANConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        image_mean=list(box.mean),
-        image_std=list(box.std),
-    )
+    config = clip_ran_config(box)
     return dict(
         load=lambda: AutoModel.from_pretrained(folder),
         train=train,

@@ -274,9 +274,9 @@ class StudyData:
 
     @classmethod
     def build(cls, settings: StudySettings) -> StudyData:
-        from ran_peft import PixelBox, RANConfig
+        from ran_peft import PixelBox
         from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts
-        from ran_peft.experiments import lora_equivalent
+        from ran_peft.experiments import clip_ran_config, lora_equivalent
         from ran_peft.pretrain import offline_processor
 
         processor = offline_processor(image_size=settings.image_size)
@@ -289,13 +289,7 @@ class StudyData:
 
         train = rows(settings.train_size, "train", settings.task)
         pixel_box = PixelBox.from_processor(processor)
-        ran_config = RANConfig(
-            r=8,
-            lora_alpha=16,
-            target_modules=["q_proj", "v_proj"],
-            image_mean=list(pixel_box.mean),
-            image_std=list(pixel_box.std),
-        )
+        ran_config = clip_ran_config(pixel_box)
         return cls(
             processor=processor,
             upstream=rows(settings.upstream_size, "upstream"),

@@ -73,6 +73,18 @@ def baseline_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RAN
 PEER_SHORT_ATTACK_STEPS = 2
 
 
+def clip_ran_config(pixel_box: PixelBox) -> RANConfig:
+    """The default RAN recipe on the adapter the benchmarks and the noise study share for CLIP-style models: LoRA
+    rank 8 (alpha 16) on the attention q/v projections, budgets converted through the model's `pixel_box`."""
+    return RANConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        image_mean=list(pixel_box.mean),
+        image_std=list(pixel_box.std),
+    )
+
+
 def peer_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RANConfig]:
     """The robust fine-tuning recipes a user would pick instead of RAN, each as a setting of `RANConfig`.
 
