@@ -610,8 +610,9 @@ def parse_seeds(text: str) -> list[int]:
 # -- main ------------------------------------------------------------------------------------------------------
 
 
-def merge(paths: list[str], out: Path) -> dict[str, Any]:
-    """One result from several runs of this script (e.g. one process per seed): runs joined, summary recomputed."""
+def merge(paths: list[str], out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One result from several runs of this script (e.g. one process per seed): runs joined, summary recomputed,
+    and the fields of `extra` added before anything is written."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
     results = {key: value for key, value in parts[0].items() if key not in ("runs", "summary")}
     results["runs"] = {}
@@ -629,6 +630,7 @@ def merge(paths: list[str], out: Path) -> dict[str, Any]:
     add_ratios(results)
     results["summary"] = summarise(results)
     results["end_to_end_over_median_step_ratio"] = end_to_end_over_median_step(results["summary"])
+    results.update(extra or {})
     write_json(results, out)
     sibling(out, ".md").write_text(robustness_markdown(results))
     plot_front(results, sibling(out, ".png"))
@@ -677,10 +679,7 @@ def run_seeds_in_processes(argv: list[str], seeds: list[int], jobs: int, threads
                 failed.append(f"seed {seed} (exit {process.returncode}; see {part.with_suffix('.log')})")
     if failed:
         raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished seeds are in {folder}.")
-    results = merge(parts, out)
-    results["total_seconds"] = time.perf_counter() - started
-    results["jobs"] = jobs
-    write_json(results, out)
+    results = merge(parts, out, extra={"total_seconds": time.perf_counter() - started, "jobs": jobs})
     print(f"total {results['total_seconds']:.0f} s with {jobs} processes; wrote {out}")
     return results
 
