@@ -9,8 +9,9 @@ median optimiser step. Writes FILE.json, FILE.md (tables) and FILE.png (clean vs
 
     python benchmarks/robustness.py --out robustness.json [--quick] [--methods lora,ran] [--seeds 42,43,44] [--jobs 2]
 
-`--jobs N` runs the seeds in N processes at once (one torch thread each unless `--threads` says otherwise) and
-joins their results as `--merge` does; a seed gives the same numbers in a process of its own as in one run.
+`--jobs N` runs every (method, seed) in a process of its own, N at a time (one torch thread each unless `--threads`
+says otherwise), and joins their results as `--merge` does; a run gives the same numbers in a process of its own as
+in one process with every method.
 """
 
 from __future__ import annotations
@@ -611,20 +612,34 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def merge(paths: list[str], out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One result from several runs of this script (e.g. one process per seed): runs joined, summary recomputed,
-    and the fields of `extra` added before anything is written."""
+    """One result from several runs of this script (e.g. one process per seed or per method): runs and recipes
+    joined in the script's method order, summary recomputed, and the fields of `extra` added before anything is
+    written."""
     parts = [json.loads(Path(path).read_text()) for path in paths]
-    results = {key: value for key, value in parts[0].items() if key not in ("runs", "summary")}
-    results["runs"] = {}
+    skip = ("runs", "summary", "recipes", "elapsed_seconds", "total_seconds")
+    results = {key: value for key, value in parts[0].items() if key not in skip}
+    runs: dict[str, dict[str, Any]] = {}
+    recipes: dict[str, Any] = {}
     for part in parts:
+        recipes.update(part.get("recipes", {}))
         for name, seeds in part["runs"].items():
             for seed, run in seeds.items():
-                if seed in results["runs"].setdefault(name, {}):
+                if seed in runs.setdefault(name, {}):
                     raise SystemExit(f"error: --merge: {name} seed {seed} is in more than one file.")
-                results["runs"][name][seed] = run
-    results["seeds"] = sorted({int(seed) for seeds in results["runs"].values() for seed in seeds})
+                runs[name][seed] = run
+    order = sorted(runs, key=lambda name: METHODS.index(name) if name in METHODS else len(METHODS))
+    results["recipes"] = {name: recipes[name] for name in order if name in recipes}
+    results["runs"] = {
+        name: dict(sorted(runs[name].items(), key=lambda item: int(item[0]))) for name in order
+    }
+    results["seeds"] = sorted({int(seed) for seeds in runs.values() for seed in seeds})
     results["merged_from"] = [
-        {"file": str(path), "seeds": part["seeds"], "total_seconds": part.get("total_seconds")}
+        {
+            "file": str(path),
+            "seeds": part["seeds"],
+            "methods": list(part["runs"]),
+            "total_seconds": part.get("total_seconds"),
+        }
         for path, part in zip(paths, parts, strict=True)
     ]
     add_ratios(results)
@@ -638,47 +653,65 @@ def merge(paths: list[str], out: Path, extra: dict[str, Any] | None = None) -> d
     return results
 
 
-def run_seeds_in_processes(argv: list[str], seeds: list[int], jobs: int, threads: int | None, out: Path):
-    """Run this script once per seed, `jobs` processes at a time, then join the per-seed results into `out`.
+# The order in which `--jobs` starts the (method, seed) runs: LoRA's first, so that the reference of every time
+# ratio runs beside another run like the rest do, then the others from the longest down (train + evaluation time
+# per seed in benchmarks/results/robustness.json), so that short runs fill the end and the processes finish close
+# together.
+JOB_ORDER = ("lora", "ran", "trades", "fgsm_rs", "pgd_at", "pmg_aft", "fare", "tecoa")
 
-    Each seed writes `<out stem>-seeds/seed<S>.json` (and its log beside it). The last occurrence of an option wins
-    with argparse, so each child gets the caller's options followed by its own `--seeds`, `--out`, `--jobs` and
-    `--threads`.
+
+def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
+    """The (method, seed) runs of a `--jobs` run, in the order they start."""
+    order = [name for name in JOB_ORDER if name in methods]
+    return [(name, seed) for name in order for seed in seeds]
+
+
+def run_in_processes(
+    argv: list[str], units: list[tuple[str, int]], jobs: int, threads: int | None, out: Path
+) -> dict[str, Any]:
+    """Run this script once per (method, seed), `jobs` processes at a time, then join the results into `out`.
+
+    Each run writes `<out stem>-parts/<method>-seed<S>.json` (and its log beside it). The last occurrence of an
+    option wins with argparse, so each child gets the caller's options followed by its own `--methods`, `--seeds`,
+    `--out`, `--jobs` and `--threads`. A run gives the same numbers in a process of its own as in one process
+    with every method: each method starts from the reloaded base weights and is seeded on its own.
     """
-    folder = out.with_name(f"{out.stem}-seeds")
+    folder = out.with_name(f"{out.stem}-parts")
     folder.mkdir(parents=True, exist_ok=True)
     threads = threads or 1
-    pending = list(seeds)
-    running: list[tuple[int, subprocess.Popen, Path, Any]] = []
+    pending = list(units)
+    running: list[tuple[str, subprocess.Popen, Path, Any]] = []
     parts: list[str] = []
     failed: list[str] = []
     started = time.perf_counter()
     while pending or running:
         while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            part = folder / f"seed{seed}.json"
+            name, seed = pending.pop(0)
+            label = f"{name} seed {seed}"
+            part = folder / f"{name}-seed{seed}.json"
             log = open(part.with_suffix(".log"), "w")  # noqa: SIM115 (closed when the child ends)
             command = [sys.executable, os.path.abspath(__file__), *argv]
-            command += ["--seeds", str(seed), "--out", str(part), "--jobs", "1", "--threads", str(threads)]
-            print(f"seed {seed}: started, log in {part.with_suffix('.log')}", flush=True)
+            command += ["--methods", name, "--seeds", str(seed), "--out", str(part)]
+            command += ["--jobs", "1", "--threads", str(threads)]
+            print(f"{label}: started, log in {part.with_suffix('.log')}", flush=True)
             # OpenMP threads beyond --threads would contend with the other processes for the same cores
             environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-            running.append((seed, child, part, log))
-        time.sleep(1.0)
+            running.append((label, child, part, log))
+        time.sleep(0.5)
         for entry in list(running):
-            seed, process, part, log = entry
+            label, process, part, log = entry
             if process.poll() is None:
                 continue
             running.remove(entry)
             log.close()
             if process.returncode == 0:
                 parts.append(str(part))
-                print(f"seed {seed}: done after {time.perf_counter() - started:.0f} s", flush=True)
+                print(f"{label}: done after {time.perf_counter() - started:.0f} s", flush=True)
             else:
-                failed.append(f"seed {seed} (exit {process.returncode}; see {part.with_suffix('.log')})")
+                failed.append(f"{label} (exit {process.returncode}; see {part.with_suffix('.log')})")
     if failed:
-        raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished seeds are in {folder}.")
+        raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished runs are in {folder}.")
     results = merge(parts, out, extra={"total_seconds": time.perf_counter() - started, "jobs": jobs})
     print(f"total {results['total_seconds']:.0f} s with {jobs} processes; wrote {out}")
     return results
@@ -699,7 +732,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--jobs",
         type=int,
         default=1,
-        help="run the seeds in this many processes at once, then join them (default 1: one process)",
+        help="run each (method, seed) in a process of its own, this many at once, then join them (default 1: all "
+        "in one process)",
     )
     parser.add_argument(
         "--merge",
@@ -718,9 +752,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs={args.jobs} must be >= 1.")
-    if args.jobs > 1 and len(seeds) > 1:
+    units = job_units(seeds, methods)
+    if args.jobs > 1 and len(units) > 1:
         forwarded = list(sys.argv[1:] if argv is None else argv)
-        return run_seeds_in_processes(forwarded, seeds, args.jobs, args.threads, out)
+        return run_in_processes(forwarded, units, args.jobs, args.threads, out)
 
     setup = prepare(args)
     configs = peer_configs(default_ran_config(setup), attack_steps=BASELINE_ATTACK_STEPS)

@@ -124,22 +124,43 @@ def test_robustness_writes_json_table_and_plot(tmp_path, tiny_clip_dir):
         )
     assert merged["seeds"] == [1, 2] and (tmp_path / "merged.md").exists()
 
-    # --jobs 2: each seed in a process of its own gives the numbers the single process gave, bit for bit
+    # --jobs 2: each (method, seed) in a process of its own gives the numbers the single process gave, bit for bit
     parallel = _load("robustness").main(
         [*_tiny(tiny_clip_dir, tmp_path / "parallel.json", attack="autoattack-quick")]
-        + ["--methods", "lora,ran", "--seeds", "1,2", "--jobs", "2"]
+        + ["--methods", "ran,lora", "--seeds", "2,1", "--jobs", "2"]
     )
     assert parallel["seeds"] == [1, 2] and parallel["jobs"] == 2
-    assert sorted((tmp_path / "parallel-seeds").glob("seed*.json")) == [
-        tmp_path / "parallel-seeds" / "seed1.json",
-        tmp_path / "parallel-seeds" / "seed2.json",
+    assert list(parallel["runs"]) == ["lora", "ran"] and list(parallel["recipes"]) == ["lora", "ran"]
+    assert sorted(p.name for p in (tmp_path / "parallel-parts").glob("*.json")) == [
+        "lora-seed1.json",
+        "lora-seed2.json",
+        "ran-seed1.json",
+        "ran-seed2.json",
     ]
+    assert parallel["recipes"] == {name: results["recipes"][name] for name in ("lora", "ran")}
     for name in ("lora", "ran"):
+        assert list(parallel["runs"][name]) == ["1", "2"]
         for seed in ("1", "2"):
             alone, together = parallel["runs"][name][seed], results["runs"][name][seed]
             assert alone["clean_acc"] == together["clean_acc"]
             assert alone["robust_acc"] == together["robust_acc"]
             assert [e["loss"] for e in alone["loss_log"]] == [e["loss"] for e in together["loss_log"]]
+            assert "train_time_ratio_to_lora" in alone
+
+
+def test_jobs_start_lora_first_then_the_longest_runs():
+    units = _load("robustness").job_units([42, 43], ["tecoa", "ran", "lora", "trades"])
+    assert units == [
+        ("lora", 42),
+        ("lora", 43),
+        ("ran", 42),
+        ("ran", 43),
+        ("trades", 42),
+        ("trades", 43),
+        ("tecoa", 42),
+        ("tecoa", 43),
+    ]
+    assert set(_load("robustness").JOB_ORDER) == set(_load("robustness").METHODS)
 
 
 def test_robustness_refuses_an_evaluation_attack_no_stronger_than_training(tmp_path, tiny_clip_dir):
