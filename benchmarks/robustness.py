@@ -367,11 +367,13 @@ def attack_name(results: dict[str, Any]) -> str:
 
 def describe_attack(results: dict[str, Any]) -> str:
     settings = results["settings"]
+    threads = results["machine"]["torch_threads"]
+    processes = f", {results['jobs']} processes at once (`--jobs`)" if results.get("jobs", 1) > 1 else ""
     return (
         f"Robust accuracy under {attack_name(results)}, on {settings['eval_size']} held-out samples; "
         f"{settings['max_steps']} steps of batch {settings['batch_size']}, task `{settings['task']}`, "
-        f"torch {results['torch_version']}, {results['machine']['cpus']} CPUs "
-        f"({results['machine']['torch_threads']} torch threads)."
+        f"torch {results['torch_version']}, {results['machine']['cpus']} CPUs, {threads} torch "
+        f"thread{'' if threads == 1 else 's'} per process{processes}."
     )
 
 
