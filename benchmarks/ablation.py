@@ -22,7 +22,7 @@ from typing import Any
 # This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from ran_peft.experiments import lora_equivalent  # noqa: E402
+from ran_peft.experiments import clip_ran_config, lora_equivalent  # noqa: E402
 
 
 def _load_robustness():
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
 
     setup = robustness.prepare(args)
-    default = robustness.default_ran_config(setup)
+    default = clip_ran_config(setup.pixel_box)
     configs = {name: variant_config(default, VARIANTS[name]) for name in VARIANTS if name in names}
     for name, config in configs.items():
         if VARIANTS[name].warmup_share is not None:

@@ -216,11 +216,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     )
 
 
-def default_ran_config(setup: Setup) -> RANConfig:
-    """The default RAN recipe on the adapter every method shares (rank 8 on the attention q/v projections)."""
-    return clip_ran_config(setup.pixel_box)
-
-
 def check_evaluation_is_stronger(setup: Setup, configs: dict[str, RANConfig]) -> None:
     """Robust accuracy must come from an attack stronger than any the models were trained with."""
     if setup.settings.eval_attack != "pgd":
@@ -760,7 +755,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_in_processes(forwarded, units, args.jobs, args.threads, out)
 
     setup = prepare(args)
-    configs = peer_configs(default_ran_config(setup), attack_steps=BASELINE_ATTACK_STEPS)
+    configs = peer_configs(clip_ran_config(setup.pixel_box), attack_steps=BASELINE_ATTACK_STEPS)
     configs = {name: configs[name] for name in METHODS if name in methods}
     check_evaluation_is_stronger(setup, configs)
     results = {
