@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from ran_peft.experiments import clip_ran_config, lora_equivalent  # noqa: E402
+from ran_peft.experiments import clip_ran_config, lora_equivalent
 
 
 def _load_robustness():

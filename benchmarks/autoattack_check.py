@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
+import torch
 
 FINETUNE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 

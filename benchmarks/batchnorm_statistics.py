@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import torch
+from peft import get_peft_model
+from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments  # noqa: E402
-
-from ran_peft import RANCallback, RANConfig, evaluate_robustness  # noqa: E402
-from ran_peft.data import synthetic_medical_dataset  # noqa: E402
-from ran_peft.pixels import PixelBox  # noqa: E402
+from ran_peft import RANCallback, RANConfig, evaluate_robustness
+from ran_peft.data import synthetic_medical_dataset
+from ran_peft.pixels import PixelBox
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -1,5 +1,5 @@
 """Everything that needs a GPU, in one command: the Triton kernels run for real against their references (on the
-shapes the tests use), their speed and memory against the PyTorch paths (`benchmarks/kernels.py`), the 4-bit vs
+shapes the tests use), their speed and memory against the PyTorch paths (`benchmarks/kernel_speed.py`), the 4-bit vs
 fp32 peak memory of a RAN step (bitsandbytes' CUDA kernels) and RAN's step/memory ratios against LoRA on a
 LLaVA-style VLM (`benchmarks/vlm_cost.py`). One JSON.
 
@@ -24,11 +24,9 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != str(HERE)]
+import torch
 
-import torch  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 NO_CUDA_MESSAGE = (
     "gpu_check: no CUDA device (torch.cuda.is_available() is False), so nothing was measured and no JSON written; "
@@ -76,7 +74,7 @@ def _synchronize(device: str) -> None:
 
 def check_pgd(device: str, shapes=PGD_SHAPES) -> list[dict]:
     """Each PGD Triton kernel against its reference on `device`: one record per case, with `passed`."""
-    from ran_peft.kernels import (
+    from ran_peft.kernels.pgd import (
         pgd_random_start_reference,
         pgd_random_start_triton,
         pgd_step_reference,
@@ -144,7 +142,11 @@ def check_pgd(device: str, shapes=PGD_SHAPES) -> list[dict]:
 
 def check_kl(device: str, cases=KL_CASES) -> list[dict]:
     """The Triton and row-blocked KL against the naive reference (loss and both gradients) on `device`."""
-    from ran_peft.kernels import rectification_kl_chunked, rectification_kl_reference, rectification_kl_triton
+    from ran_peft.kernels.rectify import (
+        rectification_kl_chunked,
+        rectification_kl_reference,
+        rectification_kl_triton,
+    )
 
     results = []
     for shape, mask_kind in cases:
@@ -197,15 +199,15 @@ def check_kl(device: str, cases=KL_CASES) -> list[dict]:
 
 
 def kernel_benchmark(quick: bool) -> dict:
-    """`benchmarks/kernels.py --device cuda` with the Triton kernels forced, in its own process."""
+    """`benchmarks/kernel_speed.py --device cuda` with the Triton kernels forced, in its own process."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "kernels.json"
-        command = [sys.executable, str(HERE / "kernels.py"), "--device", "cuda", "--out", str(out)]
+        command = [sys.executable, str(HERE / "kernel_speed.py"), "--device", "cuda", "--out", str(out)]
         command += ["--quick"] if quick else []
         env = {**os.environ, "RAN_PEFT_KERNELS": "triton"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"benchmarks/kernels.py failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"benchmarks/kernel_speed.py failed:\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 

@@ -30,16 +30,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from transformers import TrainerCallback
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from ran_peft import PixelBox, RANConfig  # noqa: E402
-from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts  # noqa: E402
-from ran_peft.evaluation import format_epsilon  # noqa: E402
-from ran_peft.experiments import (  # noqa: E402
+from ran_peft import PixelBox, RANConfig
+from ran_peft.data import ImageTextCollator, synthetic_medical_dataset, tokenize_class_prompts
+from ran_peft.evaluation import format_epsilon
+from ran_peft.experiments import (
     ExperimentSettings,
     clip_ran_config,
     evaluate_adapter,

@@ -17,15 +17,12 @@ import sys
 import tempfile
 import time
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from transformers import CLIPConfig, CLIPModel
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from transformers import CLIPConfig, CLIPModel  # noqa: E402
-
-from ran_peft import PixelBox, RANConfig, detect_family, ran_loss  # noqa: E402
+from ran_peft import PixelBox, RANConfig, detect_family, ran_loss
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 BOX = PixelBox(MEAN, STD)

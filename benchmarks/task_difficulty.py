@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from ran_peft.data import (  # noqa: E402
+from ran_peft.data import (
     SYNTHETIC_TASKS,
     ImageTextCollator,
     synthetic_medical_dataset,
     tokenize_class_prompts,
 )
-from ran_peft.representation import image_features, linear_probe_accuracy, zero_shot_accuracy  # noqa: E402
+from ran_peft.representation import image_features, linear_probe_accuracy, zero_shot_accuracy
 
 
 def measure(model, processor, task: str, train_size: int, eval_size: int, seed: int) -> dict:

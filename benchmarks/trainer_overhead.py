@@ -12,20 +12,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import torch  # noqa: E402
-
-from ran_peft import PixelBox  # noqa: E402
-from ran_peft import experiments as experiments_module  # noqa: E402
-from ran_peft.callback import RANCallback  # noqa: E402
-from ran_peft.experiments import ExperimentSettings, baseline_configs, clip_ran_config, train_adapter  # noqa: E402
+from ran_peft import PixelBox
+from ran_peft import experiments as experiments_module
+from ran_peft.callback import RANCallback
+from ran_peft.experiments import ExperimentSettings, baseline_configs, clip_ran_config, train_adapter
 
 METHODS = ("lora", "ran")
 

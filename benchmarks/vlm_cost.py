@@ -20,10 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-# This folder holds `kernels.py`: keep it off the import path, where Hugging Face's own `kernels` package is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
+import torch
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 EPSILON = 4 / 255

@@ -11,6 +11,15 @@ import os
 
 import torch
 
+# This folder installs as `ran_peft.kernels` and has no `__init__.py`, so from the repository root it never passes for
+# Hugging Face's `kernels` package (which transformers and bitsandbytes import). Should nothing else be installed
+# under that name, `kernels` would be an empty namespace package: refuse to run its modules under the wrong name.
+if not __name__.startswith("ran_peft.kernels."):
+    raise ImportError(
+        f"{__file__} is part of ran_peft and imports as ran_peft.kernels.dispatch, not as {__name__}; "
+        "install ran_peft (pip install -e .) and import it from there"
+    )
+
 ENV_VAR = "RAN_PEFT_KERNELS"
 ALLOWED_BACKENDS = ("auto", "triton", "torch")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ran_peft.kernels import pgd_random_start, pgd_step
+from ran_peft.kernels.pgd import pgd_random_start, pgd_step
 from ran_peft.pixel_layout import BatchPixelBox, ChannelsFirstLayout
 from ran_peft.pixels import PixelBox
 

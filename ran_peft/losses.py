@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ran_peft.kernels import rectification_kl as _fused_kl
+from ran_peft.kernels.rectify import rectification_kl as _fused_kl
 
 
 def rectification_kl(

@@ -6,10 +6,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton reads this when first imported (peft, transformers and bitsandbytes import it): set it before them all.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# `python -m pytest` puts the repository root on the import path, where the `kernels/` folder (installed as
-# `ran_peft.kernels`) would pass for Hugging Face's `kernels` package, which bitsandbytes imports.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [path for path in sys.path if os.path.abspath(path or ".") != _ROOT]
+# `python -m pytest` keeps the repository root on the import path, as users' own processes do: no folder there may
+# pass for an installed package (tests/test_import_path.py).
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

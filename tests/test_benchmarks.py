@@ -12,7 +12,7 @@ EPSILONS = {"1/255", "2/255", "4/255"}
 
 
 def _load(name: str):
-    # The benchmarks folder stays off the import path (it holds `kernels.py`): load the scripts by file path.
+    # Benchmarks are scripts, not a package: load them by file path.
     module_name = f"ran_peft_benchmarks_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]

@@ -32,7 +32,7 @@ sys.argv = ["gpu_check"]
 import importlib.util
 spec = importlib.util.spec_from_file_location("gpu_check", {path!r})
 gpu_check = importlib.util.module_from_spec(spec); spec.loader.exec_module(gpu_check)
-import ran_peft.kernels as kernels
+import ran_peft.kernels.rectify as kernels
 if {break_kl}:
     reference = kernels.rectification_kl_reference
     kernels.rectification_kl_triton = lambda c, a, m, detach_clean: reference(c, a * 1.01, m, detach_clean=detach_clean)

@@ -4,7 +4,8 @@ an attack relies on (budget ball, pixel box, sign(0), L2 projection, backend cho
 import pytest
 import torch
 from kernel_support import needs_triton, only_when_triton_runs_elsewhere, run_triton_tests_in_fresh_process
-from ran_peft.kernels import (
+from ran_peft.kernels.pgd import (
+    NORMS,
     kernel_backend,
     pgd_random_start,
     pgd_random_start_reference,
@@ -13,7 +14,6 @@ from ran_peft.kernels import (
     pgd_step_reference,
     pgd_step_triton,
 )
-from ran_peft.kernels.pgd import NORMS
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])

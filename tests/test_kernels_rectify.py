@@ -4,13 +4,13 @@ Triton (interpreted on CPU) versions against the reference, masks, temperature a
 import pytest
 import torch
 from kernel_support import needs_triton, only_when_triton_runs_elsewhere, run_triton_tests_in_fresh_process
-from ran_peft.kernels import (
+from ran_peft.kernels import rectify as rectify_module
+from ran_peft.kernels.rectify import (
     rectification_kl,
     rectification_kl_chunked,
     rectification_kl_reference,
     rectification_kl_triton,
 )
-from ran_peft.kernels import rectify as rectify_module
 
 # (shape, dtype) -> (rtol, atol) on the loss and the gradients: float32 is rounding only; half types
 # store the gradients in their own precision (one unit in the last place).

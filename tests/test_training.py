@@ -2,7 +2,7 @@ import pytest
 import tiny_models as tm
 import torch
 from peft import get_peft_model
-from ran_peft.kernels import rectification_kl_reference
+from ran_peft.kernels.rectify import rectification_kl_reference
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 from ran_peft import (

@@ -1,7 +1,7 @@
 """Benchmark of the fused kernels against the plain PyTorch formulations they replace.
 
 Peak working memory and time of the rectification KL (forward + backward), time of the PGD update.
-Usage: python benchmarks/kernels.py --out kernels.json [--quick] [--device cuda]
+Usage: python benchmarks/kernel_speed.py --out kernels.json [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import subprocess
 import sys
 import time
 
-# This file is named `kernels.py`: keep its folder off the import path, where Hugging Face's own `kernels` package
-# (imported by transformers and bitsandbytes) is sought.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
-from ran_peft.kernels import kernel_backend, pgd_step, rectification_kl, rectification_kl_reference  # noqa: E402
+import torch
+from ran_peft.kernels.dispatch import kernel_backend
+from ran_peft.kernels.pgd import pgd_step
+from ran_peft.kernels.rectify import rectification_kl, rectification_kl_reference
 
 KL_SHAPES = [(2048, 32000), (512, 128000)]
 KL_SHAPES_QUICK = [(256, 8000), (64, 32000)]
