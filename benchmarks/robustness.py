@@ -40,11 +40,14 @@ from ran_peft.experiments import (
     ExperimentSettings,
     clip_ran_config,
     evaluate_adapter,
+    light_weight_configs,
     peer_configs,
     train_adapter,
 )
 
-METHODS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
+PEERS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
+LIGHT_WEIGHT = ("ran_every3", "ran_boundary25", "ran_free4", "ran_carry", "ran_features")
+METHODS = PEERS + LIGHT_WEIGHT
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
 EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
@@ -651,7 +654,19 @@ def merge(paths: list[str], out: Path, extra: dict[str, Any] | None = None) -> d
 # ratio runs beside another run like the rest do, then the others from the longest down (train + evaluation time
 # per seed in benchmarks/results/robustness.json), so that short runs fill the end and the processes finish close
 # together.
-JOB_ORDER = ("lora", "ran", "trades", "fgsm_rs", "pgd_at", "pmg_aft", "fare", "tecoa")
+JOB_ORDER = (
+    "lora",
+    "ran",
+    "trades",
+    "fgsm_rs",
+    "pgd_at",
+    "pmg_aft",
+    "fare",
+    "tecoa",
+    "ran_carry",
+    "ran_features",
+)
+JOB_ORDER += ("ran_every3", "ran_boundary25", "ran_free4")
 
 
 def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
@@ -717,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     add_common_arguments(parser)
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+        "--methods", default=",".join(PEERS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
     parser.add_argument(
         "--seeds", default=None, help=f"comma-separated training seeds (default {DEFAULTS['seeds']})"
@@ -752,7 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_in_processes(forwarded, units, args.jobs, args.threads, out)
 
     setup = prepare(args)
-    configs = peer_configs(clip_ran_config(setup.pixel_box), attack_steps=BASELINE_ATTACK_STEPS)
+    default = clip_ran_config(setup.pixel_box)
+    configs = {**peer_configs(default, attack_steps=BASELINE_ATTACK_STEPS), **light_weight_configs(default)}
     configs = {name: configs[name] for name in METHODS if name in methods}
     check_evaluation_is_stronger(setup, configs)
     results = {
