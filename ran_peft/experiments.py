@@ -183,11 +183,13 @@ def train_adapter(
     *,
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     callbacks: Sequence[Any] = (),
+    timing: dict[str, float] | None = None,
 ):
     """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`
     (and `callbacks`, e.g. a step timer).
 
-    Returns `(trainer, peft_model, train_seconds)`.
+    Returns `(trainer, peft_model, train_seconds)`. `timing`, when given, also gets `cpu_seconds`: the CPU time this
+    process spent in `trainer.train()`, which other processes on a shared machine inflate far less than wall time.
     """
     from peft import get_peft_model
     from transformers import set_seed
@@ -224,9 +226,12 @@ def train_adapter(
         processing_class=image_processor,
         callbacks=[RANCallback(class_text_inputs=class_text_inputs), *callbacks],
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    return trainer, peft_model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if timing is not None:
+        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    return trainer, peft_model, seconds
 
 
 def evaluate_adapter(
