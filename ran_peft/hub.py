@@ -234,6 +234,16 @@ def push_adapter(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _is_no_matching_module_error(error: Exception) -> bool:
+    """PEFT's error for an adapter whose target modules the model does not have: `NoMatchingPeftModuleError` (a
+    ValueError) from peft 0.21 on, a ValueError with this message before."""
+    try:
+        from peft.utils.error import NoMatchingPeftModuleError
+    except ImportError:  # peft < 0.21
+        return "not found in the base model" in str(error) or "No modules were targeted" in str(error)
+    return isinstance(error, NoMatchingPeftModuleError)
+
+
 class AdapterLoadError(ValueError):
     """An adapter cannot be loaded safely and exactly; the message names the file or the modules at fault."""
 
@@ -314,7 +324,6 @@ def load_adapter(
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
-    from peft.utils.error import NoMatchingPeftModuleError
 
     adapter = str(adapter)
     subfolder = kwargs.get("subfolder")
@@ -339,7 +348,9 @@ def load_adapter(
                 adapter_name=adapter_name,
                 **kwargs,
             )
-    except NoMatchingPeftModuleError as error:
+    except ValueError as error:
+        if not _is_no_matching_module_error(error):
+            raise
         raise AdapterLoadError(
             f"the adapter {adapter!r} (trained on {trained_on}) targets modules {_target_modules(config)!r} that "
             f"{base_name} does not have: it was made for another base model."

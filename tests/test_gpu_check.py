@@ -101,8 +101,11 @@ def test_vlm_cost_measures_every_case_in_a_fresh_process():
         batch=2,
     )
     results = vlm_cost.measure(shape, steps=1, warmup=0, rounds=1, device="cpu", log=lambda *a, **k: None)
-    assert set(results["peak_mib"]) == {"lora", "ran", "ran_k2"}
+    assert set(results["peak_mib"]) == {"lora", "ran", "ran_k2", "ran_vision", "ran_every3"}
     assert results["vlm_ran_over_lora_peak_memory_ratio"] > 0
     assert results["vlm_ran_over_lora_step_ratio"] > 0
+    assert set(results["ratios_to_lora"]) == set(results["peak_mib"])
+    assert results["ratios_to_lora"]["lora"]["step_over_lora"] == 1.0
+    assert results["vlm_ran_vision_over_lora_step_ratio"] > 0
     assert results["model"]["image_tokens"] == 4
     assert all(len(run["step_seconds"]) == 1 for runs in results["runs"].values() for run in runs)
