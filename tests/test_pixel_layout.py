@@ -261,17 +261,31 @@ def test_a_crop_larger_than_the_resized_image_pads_black_bands_that_stay_clean()
     assert delta[0, :, 2:30, 2:30].abs().max().item() == pytest.approx(4 / 255, abs=1e-6)
 
 
-def test_the_pixel_box_follows_the_processors_rescale_offset():
-    """EfficientNet's processor rescales to [-1, 1] (`rescale_offset`) before normalising."""
+@pytest.mark.parametrize("include_top", [False, True])
+def test_the_pixel_box_follows_the_processors_rescale_offset_and_include_top(include_top):
+    """EfficientNet's processor can rescale to [-1, 1] (`rescale_offset`) before normalising, and with `include_top`
+    (its default) divides by the std once more."""
+    import numpy as np
     import transformers as tf
 
-    processor = tf.EfficientNetImageProcessorPil(rescale_factor=1 / 127.5, rescale_offset=True)
+    processor = tf.EfficientNetImageProcessorPil(
+        rescale_factor=1 / 127.5,
+        rescale_offset=True,
+        include_top=include_top,
+        image_mean=arch.MEAN,
+        image_std=arch.STD,
+    )
     box = PixelBox.from_processor(processor)
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
-    for pixel in (0.0, 0.25, 1.0):
+    std = std * std if include_top else std
+    grey = processor(images=[np.full((8, 8, 3), 51, np.uint8)], return_tensors="pt")["pixel_values"][
+        0, :, 0, 0
+    ]
+    assert grey.tolist() == pytest.approx(((51 / 127.5 - 1 - mean) / std).tolist(), rel=1e-5)
+    for pixel in (0.0, 0.2, 1.0):
         expected = (pixel * 255 / 127.5 - 1 - mean) / std
         assert ((pixel - torch.tensor(box.mean)) / torch.tensor(box.std)).tolist() == pytest.approx(
-            expected.tolist(), abs=1e-6
+            expected.tolist(), rel=1e-6
         )
 
 
