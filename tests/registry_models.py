@@ -38,7 +38,7 @@ MAPPINGS = {
     "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
 }
 # Above this many parameters a shrunk model is not tiny: some part of it ignored the shrinker.
-MAX_PARAMETERS = 3_000_000
+MAX_PARAMETERS = 5_000_000
 NUM_LABELS = 3
 BATCH = 2
 TEXT_LENGTH = 6
@@ -619,13 +619,23 @@ def build_tiny(family: RegistryFamily) -> TinyFamily:
         except Exception as error:  # noqa: BLE001
             if attempt == len(tries) - 1:
                 raise NotBuildable(DOES_NOT_BUILD, f"batch: {type(error).__name__}: {error}") from error
+    # Saved whole with the adapter, as with plain LoRA: a classifier's new head, and batch norms (their running
+    # statistics change in training).
     heads = set(override.modules_to_save or [])
     if kind == "image_classifier":
         heads |= {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
                   and module.out_features == NUM_LABELS}  # fmt: skip
-        heads |= {name for name, module in model.named_modules()
-                  if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)}  # fmt: skip
+    norms = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    heads |= norms
     targets = override.target_modules or _target_modules(model, heads)
+    if (
+        targets == "^()$"
+    ):  # no plain layer but the head (BiT's convolutions standardise their weights): LoRA on it
+        targets, heads = _target_modules(model, norms), norms
     try:  # the plain model must train on this batch before RAN is asked to
         _connect_pixels(model, batch)
     except Exception as error:  # noqa: BLE001

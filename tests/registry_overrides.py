@@ -64,6 +64,22 @@ _ONE_TILE = Override(
 _MROPE = Override(mrope=True)
 
 OVERRIDES: dict[str, Override] = {
+    # Aria's processor makes 490 or 980 pixel images only, and its projector maps each patch count it supports to a
+    # query count: 490 pixels in 70-pixel patches are 49 patches, mapped to 4 queries.
+    "aria": Override(
+        image_size=490,
+        processor={"max_image_size": 490, "min_image_size": 490},
+        config={"vision_config": {"patch_size": 70}, "projector_patch_to_query_dict": {49: 4}},
+    ),
+    # EfficientNet's last convolution is 1280 channels times the width coefficient (0.25 when tiny), and its head
+    # reads `hidden_dim` of them.
+    "efficientnet": Override(config={"hidden_dim": 320}),
+    # MobileViTv2 downsamples 32 times before its last attention blocks, which fold 2 x 2 patches.
+    "mobilevitv2": Override(image_size=128),
+    # CvT reads stage i's drop-path rate at index i of a list as long as that stage's depth: depth i + 1 at least.
+    "cvt": Override(config={"depth": [1, 2, 3]}),
+    # Only the Q-Former layers that read the text have a feed-forward for it; retrieval reads the text.
+    "blip-2": Override(config={"qformer_config": {"use_qformer_text_input": True}}),
     # Multi-head latent attention: the sliding-window heads are as wide as the latent query and rotary parts.
     "dots3_note": Override(
         config={
@@ -104,4 +120,5 @@ OVERRIDES: dict[str, Override] = {
     # MobileNetV2's TensorFlow-style padding reads its convolutions' `stride`, which LoRA's wrapped convolution
     # does not carry: PyTorch padding (the config's switch) keeps LoRA on the convolutions.
     "mobilenet_v2": Override(config={"tf_padding": False}),
+    "mobilenet_v1": Override(config={"tf_padding": False, "classifier_dropout_prob": 0.0}),
 }

@@ -48,6 +48,8 @@ _LAYER_NAMES = {
     "num_decoder_layers", "num_encoder_layers", "decoder_num_layers", "layers", "num_global_layers",
     "resampler_depth", "num_spatial_layers", "num_temporal_layers", "projector_depth", "aligner_num_add_layers",
 }  # fmt: skip
+# The depth that per-layer lists follow, most specific first.
+_DEPTH_ORDER = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers", "decoder_layers")
 _HEAD_NAMES = {
     "num_attention_heads", "num_heads", "n_head", "attention_heads", "encoder_attention_heads",
     "decoder_attention_heads", "resampler_n_heads", "resampler_heads", "num_cross_attention_heads",
@@ -77,7 +79,8 @@ _SMALL_COUNTS = {  # counts of learned queries, latents and low ranks: a handful
     "latent_query_num": 4, "kv_lora_rank": 16, "q_lora_rank": 16, "n_group": 1, "topk_group": 1,
     "linear_num_value_heads": 4, "mamba_num_heads": 4, "ssm_state_size": 8, "n_groups": 1, "laurel_rank": 8,
     "hc_lowrank": 8, "loop_gate_rank": 8, "index_topk": 4, "num_registers": 2, "num_shared_experts": 1,
-    "n_shared_experts": 1, "index_kpool": 2, "index_topk_blocks": 2, "index_block_size": 4,
+    "n_shared_experts": 1, "index_kpool": 2, "index_topk_blocks": 2, "index_block_size": 4, "base_channels": 32,
+    "num_res_blocks": 1, "aspp_out_channels": 16,
 }  # fmt: skip
 _POSITION_NAMES = {
     "max_position_embeddings",
@@ -127,7 +130,8 @@ def _kept_layers(config: dict, old_layers: int | None) -> list[int]:
 def _shrink_list(name: str, value: list, old_layers: int | None, kept: list[int]) -> list:
     """Per-layer lists keep the kept layers; lists of layer indices keep the indices that still exist."""
     new_layers = len(kept)
-    if old_layers and len(value) == old_layers and old_layers != new_layers:
+    per_layer = not any(isinstance(item, (list, tuple, dict)) for item in value)
+    if per_layer and old_layers and len(value) == old_layers and old_layers != new_layers:
         return [value[index] for index in kept]
     layer_indices = name.endswith(("layers", "indexes", "indices", "idxs", "_ids")) or "layer" in name
     if layer_indices and _int_list(value):
@@ -140,8 +144,10 @@ def _shrink_list(name: str, value: list, old_layers: int | None, kept: list[int]
 # width, with one attention head (a width is always divisible by 1).
 _STAGE_WIDTH_NAMES = {
     "hidden_sizes", "embed_dims", "embed_dim", "neck_hidden_sizes", "stage_out_channels", "stage_in_channels",
-    "stage_mid_channels", "dims", "channels", "hidden_dims", "widths",
+    "stage_mid_channels", "dims", "channels", "hidden_dims", "widths", "base_attn_unit_dims",
 }  # fmt: skip
+# Multipliers of every width (or depth) of convolutional towers: a quarter of the width, one block per stage.
+_MULTIPLIERS = {"width_coefficient": 0.25, "depth_coefficient": 1.0, "depth_multiplier": 0.25, "width_multiplier": 0.25}
 _STAGE_DEPTH_NAMES = {
     "depths",
     "depth",
@@ -189,6 +195,8 @@ def _shrink_stages(config: dict) -> None:
         config["in_channels"] = [STAGE_WIDTH] + out[:-1]
     if isinstance(config.get("window_size"), int):
         config["window_size"] = min(config["window_size"], 2)
+    if isinstance(config.get("num_groups"), int):  # group norms over the small stage widths
+        config["num_groups"] = min(config["num_groups"], 4)
 
 
 def _shrunk_int(name: str, value: int, kept: list[int], kv_equal: bool) -> int | None:
@@ -239,7 +247,7 @@ def shrink_config_dict(
     if staged:
         config.pop("layer_types", None)
         _shrink_stages(config)
-    old_layers = next((config[name] for name in _LAYER_NAMES if isinstance(config.get(name), int)), None)
+    old_layers = next((config[name] for name in _DEPTH_ORDER if isinstance(config.get(name), int)), None)
     kept = _kept_layers(config, old_layers)
     heads_old = next((config[name] for name in _HEAD_NAMES if isinstance(config.get(name), int)), None)
     kv_equal = config.get("num_key_value_heads") == heads_old
@@ -250,6 +258,8 @@ def shrink_config_dict(
             config[name] = token_ids(-1)  # a model that can take image placeholders gets one
         elif isinstance(value, bool) or value is None:
             continue
+        elif isinstance(value, float) and name in _MULTIPLIERS:
+            config[name] = min(value, _MULTIPLIERS[name])
         elif isinstance(value, int) and name == "image_size" and image_size is not None:
             config[name] = image_size
         elif isinstance(value, int) and (_token_id_name(name) or name in _PLAIN_TOKEN_NAMES):
