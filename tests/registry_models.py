@@ -40,13 +40,11 @@ MAPPINGS = {
 # Above this many parameters a shrunk model is not tiny: some part of it ignored the shrinker.
 MAX_PARAMETERS = 5_000_000
 NUM_LABELS = 3
-BATCH = 2
 TEXT_LENGTH = 6
 GREY_LOW, GREY_HIGH = 64, 192  # the solid probes: two greys, and the low grey with one channel raised
 
 # Why a family cannot be built here; the table groups families by these.
 TORCHVISION_ONLY = "torchvision only"
-REMOTE_CODE = "remote code"
 NO_IMAGE_INPUT = "no image input"
 TOO_LARGE = "too large to shrink"
 NO_IMAGE_PROCESSOR = "no image processor in the registry"

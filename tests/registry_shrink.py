@@ -49,7 +49,15 @@ _LAYER_NAMES = {
     "resampler_depth", "num_spatial_layers", "num_temporal_layers", "projector_depth", "aligner_num_add_layers",
 }  # fmt: skip
 # The depth that per-layer lists follow, most specific first.
-_DEPTH_ORDER = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers", "decoder_layers")
+_DEPTH_ORDER = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "depth",
+    "encoder_layers",
+    "decoder_layers",
+)
 _HEAD_NAMES = {
     "num_attention_heads", "num_heads", "n_head", "attention_heads", "encoder_attention_heads",
     "decoder_attention_heads", "resampler_n_heads", "resampler_heads", "num_cross_attention_heads",
@@ -147,7 +155,12 @@ _STAGE_WIDTH_NAMES = {
     "stage_mid_channels", "dims", "channels", "hidden_dims", "widths", "base_attn_unit_dims",
 }  # fmt: skip
 # Multipliers of every width (or depth) of convolutional towers: a quarter of the width, one block per stage.
-_MULTIPLIERS = {"width_coefficient": 0.25, "depth_coefficient": 1.0, "depth_multiplier": 0.25, "width_multiplier": 0.25}
+_MULTIPLIERS = {
+    "width_coefficient": 0.25,
+    "depth_coefficient": 1.0,
+    "depth_multiplier": 0.25,
+    "width_multiplier": 0.25,
+}
 _STAGE_DEPTH_NAMES = {
     "depths",
     "depth",
