@@ -19,8 +19,8 @@ from ran_peft import PixelBox, RANConfig, UnattackedPixelsWarning, ran_loss
 from ran_peft.families import GenerativeFamily
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl_with_a_clip():
+def tiny_qwen2_vl_with_a_clip() -> tuple[registry.TinyFamily, dict]:
+    """The tiny Qwen2-VL and its batch with a two-frame clip per sample before the image prompt."""
     family = next(
         family for family in registry.registry_families() if family.id == "image-text-to-text:qwen2_vl"
     )
@@ -45,6 +45,11 @@ def qwen2_vl_with_a_clip():
         "video_grid_thw": grid.repeat(rows.shape[0], 1),
     }
     return tiny, batch
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_with_a_clip():
+    return tiny_qwen2_vl_with_a_clip()
 
 
 def test_the_model_reads_the_frames(qwen2_vl_with_a_clip):
