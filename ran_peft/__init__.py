@@ -81,6 +81,7 @@ from ran_peft.training import (
     PixelIndependentWarning,
     RANOutput,
     RANTrainingWrapper,
+    UnattackedPixelsWarning,
     ran_loss,
     resolve_pixel_box,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "RANTrainingWrapper",
     "SurrogateVLM",
     "TextPerturbation",
+    "UnattackedPixelsWarning",
     "UnsupportedModelError",
     "add_adversarial_noise",
     "attack_mode",

@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from ran_peft.config import RANConfig
+from ran_peft.families import detect_family
 from ran_peft.pixel_layout import PixelLayout
 from ran_peft.pixels import PixelBox
 from ran_peft.quantization import explain_four_bit_cpu_path
@@ -74,6 +75,8 @@ class RANCallback(TrainerCallback):
                 "RANCallback found no RANConfig: build the model with `get_peft_model(model, RANConfig(...))` or pass "
                 "`RANCallback(config=RANConfig(...))`."
             )
+        # A model RAN cannot attack is refused for what it is before anything is asked of its processor.
+        detect_family(model, self.class_text_inputs)
         box = self.pixel_box or resolve_pixel_box(config, processing_class, model)
         explain_four_bit_cpu_path(model)
         self.wrapper = RANTrainingWrapper(

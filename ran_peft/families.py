@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout, unattacked_pixel_keys
 from ran_peft.pixels import PixelBox
 
 Forward = Callable[..., Any]
@@ -117,8 +117,16 @@ class ModelFamily:
         """Refuse a batch RAN cannot train on, with what is wrong; with `box`, also pixels the box does not fit
         (a `PixelBox` is placed over the batch with `pixel_layout` first)."""
         if "pixel_values" not in inputs or not torch.is_tensor(inputs["pixel_values"]):
+            others = unattacked_pixel_keys(inputs)
+            hint = (
+                f" It holds {', '.join(f'`{key}`' for key in others)}: RAN attacks `pixel_values` only. If those are "
+                "the model's images under another name, pass them as `pixel_values` (rename the key in the "
+                "collator; the model's forward must take `pixel_values`); video frames are not attacked."
+                if others
+                else ""
+            )
             raise ValueError(
-                f"RAN needs `pixel_values` (a tensor) in every batch; this batch has keys {sorted(inputs)}."
+                f"RAN needs `pixel_values` (a tensor) in every batch; this batch has keys {sorted(inputs)}.{hint}"
             )
         pixel_values = inputs["pixel_values"]
         if pixel_values.numel() == 0:
@@ -271,13 +279,17 @@ class GenerativeFamily(ModelFamily):
             # terms over the predictive distribution (KL) cannot; `ran_loss` says so when they are asked for.
             return FamilyOutput(_get(outputs, "loss"), None, None, features)
         labels = labels.to(logits.device)
-        if logits.shape[:2] != labels.shape[:2]:
+        # Models that put the image features in front of the text themselves (GIT) return logits for those
+        # positions too; their own loss reads the text positions, the last ones, and so does the KL.
+        prefix = logits.shape[1] - labels.shape[1] if labels.dim() == 2 else 0
+        if logits.shape[0] != labels.shape[0] or prefix < 0:
             raise ValueError(
-                f"logits cover {tuple(logits.shape[:2])} positions but labels {tuple(labels.shape[:2])}: RAN needs one "
-                "label per input position (use the processor's expanded image tokens)."
+                f"logits cover {tuple(logits.shape[:2])} positions but `labels` {tuple(labels.shape[:2])}: RAN needs "
+                "one label per input position: pass `labels` shaped like `input_ids` (with the processor's expanded "
+                "image tokens, -100 on them)."
             )
-        mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        mask[:, :-1] = labels[:, 1:].ne(-100)
+        mask = torch.zeros(logits.shape[:2], dtype=torch.bool, device=labels.device)
+        mask[:, prefix:-1] = labels[:, 1:].ne(-100)
         return FamilyOutput(_get(outputs, "loss"), logits, mask, features)
 
     def _image_features(self, outputs: Any, batch: int) -> torch.Tensor | None:
@@ -332,9 +344,14 @@ def detect_family(
     parameters = inspect.signature(base.forward).parameters
     name = type(base).__name__
     if "pixel_values" not in parameters:
-        reason = unsupported_open_clip_reason(base) or (
-            f"{name} cannot be trained with RAN: its forward takes no `pixel_values`, so there is no image to attack."
+        images = [key for key in parameters if key != "pixel_values" and ("pixel" in key or "patches" in key)]
+        taken = (
+            f"its forward takes its images as {', '.join(f'`{key}`' for key in images)}, not as `pixel_values`, "
+            "the input RAN attacks"
+            if images
+            else "its forward takes no `pixel_values`, so there is no image to attack"
         )
+        reason = unsupported_open_clip_reason(base) or f"{name} cannot be trained with RAN: {taken}."
         raise UnsupportedModelError(f"{reason} {SUPPORTED_FAMILIES}")
     if "return_loss" in parameters:
         return DualEncoderFamily(class_text_inputs)

@@ -88,9 +88,15 @@ class PixelLayout:
 class ChannelsFirstLayout(PixelLayout):
     """Images of any rank `(..., C, H, W)`: CLIP, ViT, LLaVA(-NeXT) tiles, Mllama's 6-D tiles, Idefics3's padded
     image lists. Padding: in lists of images or tiles (5 or more dims), an all-zero image; a `pixel_attention_mask`
-    of shape `(..., H, W)` marks the real pixels, an `aspect_ratio_mask` of shape `(...)` the real tiles (Mllama)."""
+    (or `pixel_mask`) of shape `(..., H, W)` marks the real pixels (of shape `(...)` in image lists: the real
+    images), an `aspect_ratio_mask` of shape `(...)` the real tiles (Mllama); `image_sizes` `(B, 2)` beside `(B, C, H, W)` images the real top-left region of each, when
+    everything outside it is exactly 0 (how Pixtral-style processors pad a batch of images of different sizes).
+    `fill`: the normalised colour the processor pads images with (`processor_fill`): whole rows and columns of that
+    colour along the edges of an image or tile are padding (letterboxes, tiles padded to a grid, crops larger than
+    the image)."""
 
     name = "channels_first"
+    fill: tuple[float, ...] | None = None
 
     def place(self, pixel_values, inputs, channels):
         shape = tuple(pixel_values.shape)
@@ -120,18 +126,75 @@ class ChannelsFirstLayout(PixelLayout):
                 )
             tiles = image_mask.bool()[..., None, None, None]
             real = tiles if real is None else real & tiles
-        mask = inputs.get("pixel_attention_mask")
-        if torch.is_tensor(mask):
-            if tuple(mask.shape) != shape[:-3] + shape[-2:]:
+        for key in _PIXEL_MASK_KEYS:
+            mask = inputs.get(key)
+            if not torch.is_tensor(mask):
+                continue
+            if tuple(mask.shape) == shape[:-3] + shape[-2:]:  # per pixel
+                pixel_mask = mask.bool().unsqueeze(-3)
+            elif pixel_values.dim() >= 5 and tuple(mask.shape) == shape[:-3]:  # per image of an image list
+                pixel_mask = mask.bool()[..., None, None, None]
+            else:
                 raise _layout_error(
                     pixel_values,
                     inputs,
-                    f"Its `pixel_attention_mask` has shape {tuple(mask.shape)}, but channel-first padding masks have "
-                    f"shape {shape[:-3] + shape[-2:]} (the pixels without the channel dim).",
+                    f"Its `{key}` has shape {tuple(mask.shape)}, but channel-first padding masks have shape "
+                    f"{shape[:-3] + shape[-2:]} (per pixel: the pixels without the channel dim)"
+                    + (f" or {shape[:-3]} (per image)." if pixel_values.dim() >= 5 else "."),
                 )
-            pixel_mask = mask.bool().unsqueeze(-3)
             real = pixel_mask if real is None else real & pixel_mask
+        for found in (_sized_region(pixel_values, inputs), _fill_sites(pixel_values, self.fill)):
+            if found is not None:
+                real = found if real is None else real & found
         return PixelPlacement(self.name, shape, channels, trailing_dims=2, real=real, sample_ndim=3)
+
+
+# Keys that mark real pixels (1) and padding (0), per pixel of channel-first images.
+_PIXEL_MASK_KEYS = ("pixel_attention_mask", "pixel_mask")
+
+
+def _sized_region(pixel_values: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The real top-left `(h, w)` region of each `(B, C, H, W)` image that `image_sizes` `(B, 2)` gives, if everything
+    outside it is exactly 0 (then it is the zero padding a batch of images of different sizes gets). Sizes that are
+    something else (the original image sizes of tiled processors) leave no such zero margin and are not used."""
+    sizes = inputs.get("image_sizes")
+    if (
+        pixel_values.dim() != 4
+        or not torch.is_tensor(sizes)
+        or tuple(sizes.shape) != (pixel_values.shape[0], 2)
+    ):
+        return None
+    height, width = pixel_values.shape[-2:]
+    if bool((sizes[:, 0] > height).any()) or bool((sizes[:, 1] > width).any()) or bool((sizes <= 0).any()):
+        return None
+    rows = torch.arange(height, device=pixel_values.device)[None, :, None] < sizes[:, 0, None, None]
+    columns = torch.arange(width, device=pixel_values.device)[None, None, :] < sizes[:, 1, None, None]
+    region = (rows & columns).unsqueeze(1)  # (B, 1, H, W)
+    if bool(region.all()) or bool(pixel_values.masked_fill(region, 0).any()):
+        return None
+    return region
+
+
+def _edge_bands(rows: torch.Tensor) -> torch.Tensor:
+    """Along the last dim: True for the run of Trues at each end (a band along an edge)."""
+    from_start = rows.long().cumprod(-1).bool()
+    from_end = rows.flip(-1).long().cumprod(-1).bool().flip(-1)
+    return from_start | from_end
+
+
+def _fill_sites(pixel_values: torch.Tensor, fill: tuple[float, ...] | None) -> torch.Tensor | None:
+    """Where the processor padded: whole rows and columns along the edges of each image or tile whose every pixel
+    has the processor's fill colour in every channel (to float32 rounding), or None when there are none. Only edge
+    bands count, so a real image's own pixels of that colour are attacked as any other."""
+    if fill is None or pixel_values.dim() < 3 or len(fill) not in (1, pixel_values.shape[-3]):
+        return None
+    colour = torch.tensor(fill, dtype=torch.float32, device=pixel_values.device).view(-1, 1, 1)
+    tolerance = 1e-5 * (1 + colour.abs())
+    at_fill = ((pixel_values.float() - colour).abs() <= tolerance).all(dim=-3)  # (..., H, W)
+    rows = _edge_bands(at_fill.all(-1))[..., :, None]  # (..., H, 1)
+    columns = _edge_bands(at_fill.all(-2))[..., None, :]  # (..., 1, W)
+    padding = rows | columns
+    return ~padding.unsqueeze(-3) if bool(padding.any()) else None
 
 
 @dataclass(frozen=True)
@@ -179,8 +242,10 @@ class PatchRowLayout(PixelLayout):
 
 @dataclass(frozen=True)
 class PatchSequenceLayout(PixelLayout):
-    """NaFlex patch sequences `(B, N, P*P*C)` (SigLIP2 and models built on it): each patch is P x P pixels with the
-    channel fastest; `pixel_attention_mask` `(B, N)` marks the real patches (the rest is zero padding)."""
+    """NaFlex patch sequences `(B, N, P*P*C)` (SigLIP2, Gemma 4 and models built on them): each patch is P x P pixels
+    with the channel fastest. Padding patches: where `pixel_attention_mask` `(B, N)` is 0, where a patch position
+    id (a `..._position_ids` tensor of shape `(B, N)` or `(B, N, k)`) is negative, and patches that are exactly 0
+    everywhere (what processors pad sequences with)."""
 
     name = "patch_sequence"
     patch_size: int | None = None
@@ -211,9 +276,34 @@ class PatchSequenceLayout(PixelLayout):
                     f"Its `pixel_attention_mask` has shape {tuple(mask.shape)}, not (B, N) = {shape[:2]}.",
                 )
             real = mask.bool().unsqueeze(-1)
+        positions = _patch_positions(pixel_values, inputs)
+        if positions is not None:
+            real_positions = (positions >= 0).reshape(*shape[:2], -1).all(-1).unsqueeze(-1)
+            real = real_positions if real is None else real & real_positions
+        nonzero = pixel_values.ne(0).any(-1, keepdim=True)
+        if not bool(nonzero.all()):
+            real = nonzero if real is None else real & nonzero
         return PixelPlacement(
             self.name, shape, channels, channel_tile=width // max(channels, 1), real=real, sample_ndim=2
         )
+
+
+def _patch_positions(pixel_values: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The batch's patch position ids for 3-D `(B, N, D)` pixels: an integer `..._position_ids` tensor of shape
+    `(B, N)` or `(B, N, k)` (Gemma 4's `image_position_ids`, -1 on padding patches), or None."""
+    if pixel_values.dim() != 3:
+        return None
+    for key, value in inputs.items():
+        if (
+            key.endswith("position_ids")
+            and key != "position_ids"  # the text's positions
+            and torch.is_tensor(value)
+            and not value.is_floating_point()
+            and value.dim() in (2, 3)
+            and tuple(value.shape[:2]) == tuple(pixel_values.shape[:2])
+        ):
+            return value
+    return None
 
 
 _BY_NAME = {layout.name: layout for layout in (ChannelsFirstLayout, PatchRowLayout, PatchSequenceLayout)}
@@ -240,6 +330,58 @@ def layout_from_processor(processor: Any) -> PixelLayout | None:
     return None
 
 
+def unattacked_pixel_keys(inputs: Mapping[str, Any]) -> list[str]:
+    """The batch's other pixel tensors, which RAN leaves clean: every floating-point tensor whose key holds
+    `pixel_values` but is not `pixel_values` itself (`pixel_values_videos`, `high_res_pixel_values`, ...)."""
+    return sorted(
+        key
+        for key, value in inputs.items()
+        if key != "pixel_values"
+        and "pixel_values" in key
+        and torch.is_tensor(value)
+        and value.is_floating_point()
+    )
+
+
+def _size_edge(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    return value if isinstance(value, int) else None
+
+
+def _crop_pads(processor: Any) -> bool:
+    """Whether the processor's centre crop is larger than the images it resizes to (it then pads them)."""
+    if not getattr(processor, "do_center_crop", False):
+        return False
+    crop, size = getattr(processor, "crop_size", None), getattr(processor, "size", None)
+    shortest = _size_edge(size, "shortest_edge")
+    edges = [_size_edge(crop, "height"), _size_edge(crop, "width")]
+    return shortest is not None and any(edge is not None and edge > shortest for edge in edges)
+
+
+def processor_fill(processor: Any) -> tuple[float, ...] | None:
+    """The normalised colour a processor pads images with, when it pads them itself: its `background_color` with
+    `do_pad` (squares, letterboxes), black with `do_pad` and no colour (tiles padded to a grid), or black where its
+    centre crop is larger than its resized images. None when it does not pad."""
+    if processor is None:
+        return None
+    for candidate in (getattr(processor, "image_processor", None), processor):
+        if candidate is None or getattr(candidate, "image_mean", None) is None:
+            continue
+        colour = getattr(candidate, "background_color", None)
+        if not getattr(candidate, "do_pad", False):
+            if not _crop_pads(candidate):
+                continue
+            colour = None
+        if not isinstance(colour, (tuple, list)) or not colour:
+            colour = (0,)
+        box = PixelBox.from_processor(candidate)
+        mean = box.mean * (len(colour) if len(box.mean) == 1 else 1)
+        std = box.std * (len(colour) if len(box.std) == 1 else 1)
+        colour = tuple(colour) * (len(mean) if len(colour) == 1 else 1)
+        return tuple((value / 255 - m) / s for value, m, s in zip(colour, mean, std, strict=False))
+    return None
+
+
 def _layout_from_batch(pixel_values: torch.Tensor, inputs: Mapping[str, Any]) -> PixelLayout:
     if pixel_values.dim() == 2:
         if "image_grid_thw" in inputs:
@@ -250,7 +392,7 @@ def _layout_from_batch(pixel_values: torch.Tensor, inputs: Mapping[str, Any]) ->
     if pixel_values.dim() == 3:
         mask = inputs.get("pixel_attention_mask")
         naflex_mask = torch.is_tensor(mask) and tuple(mask.shape) == tuple(pixel_values.shape[:2])
-        if "spatial_shapes" in inputs or naflex_mask:
+        if "spatial_shapes" in inputs or naflex_mask or _patch_positions(pixel_values, inputs) is not None:
             return PatchSequenceLayout()
         # (3, N, D) could be a batch of patch sequences read as one RGB image: never guess (a wrong guess is a
         # silently wrong budget).
@@ -258,11 +400,32 @@ def _layout_from_batch(pixel_values: torch.Tensor, inputs: Mapping[str, Any]) ->
             pixel_values,
             inputs,
             "3-D pixels are either one unbatched (C, H, W) image or NaFlex patch sequences (B, N, P*P*C), and the "
-            "batch has neither `spatial_shapes` nor a (B, N) `pixel_attention_mask` to tell them apart.",
+            "batch has neither `spatial_shapes`, nor a (B, N) `pixel_attention_mask`, nor (B, N) patch position ids "
+            "to tell them apart.",
         )
     if pixel_values.dim() >= 4:
         return ChannelsFirstLayout()
     raise _layout_error(pixel_values, inputs, "Pixels need at least 2 dims.")
+
+
+def _with_fill(layout: PixelLayout, processor: Any) -> PixelLayout:
+    fill = processor_fill(processor)
+    if fill is not None and isinstance(layout, ChannelsFirstLayout) and layout.fill is None:
+        return ChannelsFirstLayout(fill=fill)
+    return layout
+
+
+def _patches_of(pixel_values: torch.Tensor, inputs: Mapping[str, Any], rows: PatchRowLayout) -> bool:
+    """Whether 4-D pixels are the processor's patches kept as `(N, C, P, P)` images (PaddleOCR-VL) rather than
+    flattened into rows: one per patch that `image_grid_thw` counts, each as large as the processor's patch."""
+    grid = inputs.get("image_grid_thw")
+    if pixel_values.dim() != 4 or not torch.is_tensor(grid) or rows.patch_size is None:
+        return False
+    count = int(grid.prod(dim=-1).sum())
+    return pixel_values.shape[0] == count and tuple(pixel_values.shape[-2:]) == (
+        rows.patch_size,
+        rows.patch_size,
+    )
 
 
 def resolve_pixel_layout(
@@ -280,10 +443,17 @@ def resolve_pixel_layout(
     announced = layout_from_processor(processor)
     if layout != "auto":
         stated = _BY_NAME[layout]
-        return announced if isinstance(announced, stated) else stated()
+        found = announced if isinstance(announced, stated) else stated()
+        return _with_fill(found, processor)
     pixel_values = inputs["pixel_values"]
     found = _layout_from_batch(pixel_values, inputs)
     if announced is None:
+        return _with_fill(found, processor)
+    if (
+        isinstance(announced, PatchRowLayout)
+        and isinstance(found, ChannelsFirstLayout)
+        and _patches_of(pixel_values, inputs, announced)
+    ):
         return found
     if type(announced) is not type(found):
         raise _layout_error(

@@ -58,10 +58,31 @@ class PixelBox:
             mean, std = getattr(candidate, "image_mean", None), getattr(candidate, "image_std", None)
             if mean is None or std is None:
                 continue
-            if getattr(candidate, "do_normalize", True) is False:
-                return cls()
-            return cls(tuple(mean), tuple(std))
+            return cls._processor_map(candidate, mean, std)
         return None
+
+    @classmethod
+    def _processor_map(cls, processor: Any, mean: Any, std: Any) -> PixelBox:
+        """The box of the processor's whole affine map from [0, 1] pixels `p` to model values: rescale the 0-255
+        values by `rescale_factor` (shifted by -1 with `rescale_offset`, as EfficientNet's processor does), then
+        normalise by `image_mean`/`image_std` when `do_normalize` is set (None, as on processors that never
+        normalise, means it is not), and by `image_std` once more with EfficientNet's `include_top`."""
+        factor = 255.0 * float(getattr(processor, "rescale_factor", 1 / 255) or 1 / 255)
+        if getattr(processor, "do_rescale", True) is False:
+            factor = 255.0
+        offset = 1.0 if getattr(processor, "rescale_offset", False) else 0.0
+        if getattr(processor, "do_normalize", True):
+            mean, std = _as_channel_tuple("image_mean", mean), _as_channel_tuple("image_std", std)
+        else:
+            mean, std = (0.0,), (1.0,)
+        if getattr(processor, "include_top", False) is True:  # EfficientNet divides by the std once more
+            again = _as_channel_tuple("image_std", processor.image_std)
+            if len(again) == len(std):
+                std = tuple(s * t for s, t in zip(std, again, strict=True))
+        if abs(factor - 1.0) < 1e-9 and offset == 0.0:
+            return cls(mean, std)
+        # x = (p * factor - offset - mean) / std = (p - (mean + offset) / factor) / (std / factor)
+        return cls(tuple((m + offset) / factor for m in mean), tuple(s / factor for s in std))
 
     @property
     def channels(self) -> int:

@@ -37,7 +37,7 @@ from ran_peft.families import (
 )
 from ran_peft.kernels.pgd import pgd_step
 from ran_peft.losses import covariance_offdiagonal, feature_consistency, rectification_kl, spectrum_flatness
-from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout, unattacked_pixel_keys
 from ran_peft.pixels import PixelBox
 from ran_peft.recipe_memory import RecipeMemory, Replay
 
@@ -100,6 +100,33 @@ def _warn_pixel_independent(model: nn.Module) -> None:
             "adversarial loss equals the clean one and the KL is 0: RAN trains like plain LoRA on this model until "
             "the pixels reach the output. Check that the vision tower is connected (and trained, if its link to "
             "the language model starts at zero)."
+        ),
+        stacklevel=3,
+    )
+
+
+class UnattackedPixelsWarning(UserWarning):
+    """The batch holds pixels besides `pixel_values` (video frames, a high-resolution copy): they stay clean."""
+
+
+_WARNED_UNATTACKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_unattacked_pixels(model: nn.Module, keys: list[str]) -> None:
+    if model in _WARNED_UNATTACKED:
+        return
+    _WARNED_UNATTACKED.add(model)
+    names = ", ".join(f"`{key}`" for key in keys)
+    video = any("video" in key for key in keys)
+    warnings.warn(
+        UnattackedPixelsWarning(
+            f"RAN attacks `pixel_values` only: {names} in the batches of {type(unwrap_model(model)).__name__} "
+            f"stay clean ({'video frames: ' if video else ''}not perturbed, not in the budget), so the model is "
+            "trained against adversarial images but not against adversarial "
+            f"{'frames' if video else 'copies of them'}. To attack "
+            f"{'frames' if video else 'them'}, give them to the processor as images (`images=`), so that they "
+            "arrive in `pixel_values`; to train on them clean without this warning, filter "
+            "`ran_peft.UnattackedPixelsWarning`."
         ),
         stacklevel=3,
     )
@@ -389,6 +416,9 @@ def prepare_step(
     num_items_in_batch = inputs.pop("num_items_in_batch", None)
     box = pixel_box or resolve_pixel_box(config, processor)
     family.check_inputs(inputs)
+    unattacked = unattacked_pixel_keys(inputs)
+    if unattacked:
+        _warn_unattacked_pixels(model, unattacked)
     layout = pixel_layout or config.pixel_layout
     placed = BatchPixelBox.place(box, inputs, layout, processor)
     check_pixel_range(inputs["pixel_values"], placed)

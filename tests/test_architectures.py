@@ -9,56 +9,21 @@ as the processor documents it, independently of `ran_peft.pixel_layout`.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import architectures as arch
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments
+from trainer_harness import output_tensor, train_two_steps
 
-import ran_peft.training as training
 from ran_peft import (
     BatchPixelBox,
     PixelBox,
     PixelIndependentWarning,
     PixelLayoutError,
-    RANCallback,
     RANConfig,
     ran_loss,
 )
-
-
-class _SameBatch(torch.utils.data.Dataset):
-    """The whole prepared batch as one item (the collator unwraps it), so padded multi-image batches stay as the
-    processor made them."""
-
-    def __init__(self, batch, steps):
-        self.batch, self.steps = batch, steps
-
-    def __len__(self):
-        return self.steps
-
-    def __getitem__(self, index):
-        return self.batch
-
-
-def _args(tmp_path, label_names=None):
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=1,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        label_names=label_names,
-    )
 
 
 def _std_per_element(layout: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -73,14 +38,6 @@ def _std_per_element(layout: str, shape: tuple[int, ...]) -> torch.Tensor:
     raise AssertionError(layout)
 
 
-def _output_tensor(output):
-    for name in ("logits", "logits_per_image", "loss"):
-        value = getattr(output, name, None)
-        if torch.is_tensor(value):
-            return value
-    raise AssertionError(f"no comparable tensor in {type(output).__name__}")
-
-
 def _train_two_steps(architecture, tmp_path, monkeypatch):
     """Two stock-Trainer steps with RANCallback (RANConfig defaults); returns the model, trainer, attacks seen."""
     config = RANConfig(
@@ -89,28 +46,16 @@ def _train_two_steps(architecture, tmp_path, monkeypatch):
         modules_to_save=architecture.modules_to_save,
         **architecture.recipe,
     )
-    model = get_peft_model(architecture.model, config)
-    attacks = []
-    perturb = training.pgd_perturb
-
-    def recording_perturb(loss_fn, pixel_values, box, budget, **kwargs):
-        adversarial = perturb(loss_fn, pixel_values, box, budget, **kwargs)
-        attacks.append((pixel_values.detach().clone(), adversarial.detach().clone(), box, budget.epsilon))
-        return adversarial
-
-    monkeypatch.setattr(training, "pgd_perturb", recording_perturb)
-    trainer = Trainer(
-        model=model,
-        args=_args(tmp_path, architecture.label_names),
-        train_dataset=_SameBatch(architecture.batch, 2),
-        data_collator=lambda items: items[0],
-        processing_class=architecture.processor,
-        callbacks=[RANCallback()],
+    model, trainer, attacks = train_two_steps(
+        architecture.model,
+        architecture.batch,
+        architecture.processor,
+        config,
+        str(tmp_path),
+        monkeypatch,
+        architecture.label_names,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PixelIndependentWarning)
-        trainer.train()
-    return model, config, trainer, attacks
+    return model, config, trainer, [(a.clean, a.adversarial, a.box, a.epsilon) for a in attacks]
 
 
 @pytest.mark.parametrize("name", list(arch.ARCHITECTURES))
@@ -152,8 +97,8 @@ def test_ran_trains_every_architecture_with_its_pixel_layout(name, tmp_path, mon
     reloaded = PeftModel.from_pretrained(base_twin, tmp_path / "adapter").eval()
     model.eval()
     with torch.no_grad():
-        ours = _output_tensor(model(**architecture.batch))
-        theirs = _output_tensor(reloaded(**architecture.batch))
+        ours = output_tensor(model(**architecture.batch))
+        theirs = output_tensor(reloaded(**architecture.batch))
     assert torch.equal(ours, theirs)
 
 

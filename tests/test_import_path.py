@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Folders Python puts first on the import path: the root (`python -c`, `python -m`), and the folders of scripts.
-PATH_FOLDERS = ["", "benchmarks", "examples", "tests", "tests/scripts"]
+PATH_FOLDERS = ["", "benchmarks", "docs", "examples", "tests", "tests/scripts"]
 OWN_DISTRIBUTION = "ran-peft"
 
 FIND_ORIGINS = """

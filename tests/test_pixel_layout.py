@@ -171,3 +171,139 @@ def test_a_layout_stated_to_the_callback_is_the_one_used(tmp_path):
     )
     with pytest.raises(PixelLayoutError, match=r"shape \(40, 384\).*image_grid_thw.*at least 3 dims"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------------------------ padding markers
+# Found by the registry sweep (tests/test_registry_sweep.py): each of these was perturbed, or a wrong budget, before.
+
+
+def _linf_attack(batch, layout="auto", processor=None, box=BOX):
+    """One sign step from the clean pixels on a fixed random objective: every real element inside the box moves by
+    epsilon (pixels at the box's edge may be held there)."""
+    placed = BatchPixelBox.place(box, batch, layout, processor)
+    pixels = batch["pixel_values"]
+    weight = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))
+    budget = AttackBudget(epsilon=4 / 255, step_size=4 / 255, steps=1, random_start=False)
+    return placed, pgd_perturb(lambda x, text: (x * weight).sum(), pixels, placed, budget) - pixels
+
+
+def test_patch_sequences_with_position_ids_of_minus_one_keep_their_padding_patches():
+    """Gemma 4's processor marks padding patches with position ids (-1, -1) and no `pixel_attention_mask`: auto
+    used to refuse the batch, and the stated `patch_sequence` moved the padding patches."""
+    pixels = torch.rand(2, 6, 12)
+    positions = torch.arange(6).repeat(2, 1)[..., None].repeat(1, 1, 2)
+    pixels[0, 4:] = 0
+    positions[0, 4:] = -1
+    batch = {"pixel_values": pixels, "image_position_ids": positions, "input_ids": torch.zeros(2, 3).long()}
+    for layout in ("auto", "patch_sequence"):
+        placed, delta = _linf_attack(batch, layout)
+        assert placed.placement.layout == "patch_sequence"
+        assert not delta[0, 4:].any()
+        assert (delta[1].abs() * torch.tensor(arch.STD).repeat(4)).max().item() == pytest.approx(
+            4 / 255, abs=1e-6
+        )
+
+
+def test_a_stated_patch_sequence_without_markers_keeps_all_zero_patches_clean():
+    pixels = torch.rand(2, 5, 12)
+    pixels[1, 3:] = 0
+    _, delta = _linf_attack({"pixel_values": pixels}, "patch_sequence")
+    assert not delta[1, 3:].any() and delta[1, :3].ne(0).all()
+
+
+def test_zero_margins_outside_image_sizes_are_padding_and_other_sizes_are_not_read_as_such():
+    """Pixtral-style batches pad smaller images with zeros to the largest; `image_sizes` gives the real region."""
+    import transformers as tf
+
+    processor = tf.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8, image_mean=arch.MEAN,
+                                            image_std=arch.STD)  # fmt: skip
+    batch = dict(processor(images=arch.images(2, sizes=[(32, 32), (16, 24)]), return_tensors="pt"))
+    assert batch["image_sizes"].tolist() == [[32, 32], [16, 24]]
+    _, delta = _linf_attack(batch, processor=processor)
+    assert not delta[1, :, 16:].any() and not delta[1, :, :, 24:].any()
+    std = torch.tensor(arch.STD).view(3, 1, 1)
+    for real in (delta[1, :, :16, :24], delta[0]):
+        assert (real.abs() * std).max().item() == pytest.approx(4 / 255, abs=1e-6)
+    # Sizes that are not a zero-padded region (original sizes of another processor) mark nothing.
+    other = {"pixel_values": torch.rand(2, 3, 8, 8), "image_sizes": torch.tensor([[4, 4], [8, 8]])}
+    assert BatchPixelBox.place(BOX, other).placement.real is None
+
+
+def test_a_processor_that_letterboxes_with_its_background_colour_keeps_the_bands_clean():
+    """DeepSeek-VL pads images to squares with its `background_color`; a pixel of that colour inside the image is
+    still attacked."""
+    import numpy as np
+    import transformers as tf
+
+    processor = tf.DeepseekVLImageProcessorPil(size={"height": 32, "width": 32})
+    image = np.full((16, 32, 3), 200, np.uint8)
+    image[4:6, 10:12] = processor.background_color  # the fill colour inside the picture
+    batch = dict(processor(images=[image], return_tensors="pt"))
+    _, delta = _linf_attack(batch, processor=processor, box=PixelBox.from_processor(processor))
+    assert not delta[0, :, :8].any() and not delta[0, :, 24:].any()  # the bands above and below
+    assert delta[0, :, 8:24].ne(0).all()
+
+
+def test_a_crop_larger_than_the_resized_image_pads_black_bands_that_stay_clean():
+    """MobileViT's defaults resize to a 224 shortest edge and crop 256: the crop pads 16 black pixels each side,
+    and its pixels are not normalised (`do_normalize` is None): the box is [0, 1] itself."""
+    import numpy as np
+    import transformers as tf
+
+    processor = tf.MobileViTImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 32, "width": 32}
+    )
+    box = PixelBox.from_processor(processor)
+    assert box.mean == (0.0,) and box.std == (1.0,)
+    batch = dict(processor(images=[np.full((28, 28, 3), 200, np.uint8)], return_tensors="pt"))
+    _, delta = _linf_attack(batch, processor=processor, box=box)
+    assert not delta[0, :, :2].any() and not delta[0, :, :, 30:].any()
+    assert delta[0, :, 2:30, 2:30].abs().max().item() == pytest.approx(4 / 255, abs=1e-6)
+
+
+@pytest.mark.parametrize("include_top", [False, True])
+def test_the_pixel_box_follows_the_processors_rescale_offset_and_include_top(include_top):
+    """EfficientNet's processor can rescale to [-1, 1] (`rescale_offset`) before normalising, and with `include_top`
+    (its default) divides by the std once more."""
+    import numpy as np
+    import transformers as tf
+
+    processor = tf.EfficientNetImageProcessorPil(
+        rescale_factor=1 / 127.5,
+        rescale_offset=True,
+        include_top=include_top,
+        image_mean=arch.MEAN,
+        image_std=arch.STD,
+    )
+    box = PixelBox.from_processor(processor)
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    std = std * std if include_top else std
+    grey = processor(images=[np.full((8, 8, 3), 51, np.uint8)], return_tensors="pt")["pixel_values"][
+        0, :, 0, 0
+    ]
+    assert grey.tolist() == pytest.approx(((51 / 127.5 - 1 - mean) / std).tolist(), rel=1e-5)
+    for pixel in (0.0, 0.2, 1.0):
+        expected = (pixel * 255 / 127.5 - 1 - mean) / std
+        assert ((pixel - torch.tensor(box.mean)) / torch.tensor(box.std)).tolist() == pytest.approx(
+            expected.tolist(), rel=1e-6
+        )
+
+
+def test_a_per_image_mask_in_an_image_list_marks_the_padding_images():
+    """Granite-Docling's `pixel_attention_mask` is (B, I): one flag per image, not per pixel."""
+    pixels = torch.rand(2, 3, 3, 8, 8)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    _, delta = _linf_attack({"pixel_values": pixels, "pixel_attention_mask": mask})
+    assert not delta[mask == 0].any() and delta[mask == 1].ne(0).all()
+
+
+def test_channel_first_patches_beside_a_patch_row_processor_are_channel_first():
+    """PaddleOCR-VL's processor has Qwen-style patch sizes but keeps each patch as a (C, P, P) image."""
+    qwen = arch.qwen2_vl()
+    grid = qwen.batch["image_grid_thw"]
+    patches = torch.randn(int(grid.prod(-1).sum()), 3, 8, 8)
+    batch = {"pixel_values": patches, "image_grid_thw": grid}
+    assert BatchPixelBox.place(BOX, batch, "auto", qwen.processor).placement.layout == "channels_first"
+    with pytest.raises(PixelLayoutError, match="announces patch_rows"):
+        BatchPixelBox.place(BOX, {"pixel_values": torch.randn(5, 3, 8, 8), "image_grid_thw": grid}, "auto",
+                            qwen.processor)  # fmt: skip

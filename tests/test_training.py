@@ -218,3 +218,32 @@ def test_missing_normalisation_is_a_clear_error():
         ran_loss(model.train(), case.batch, config)
     config.image_mean, config.image_std = list(tm.MEAN), list(tm.STD)
     assert torch.isfinite(ran_loss(model.train(), case.batch, config).loss)
+
+
+def test_logits_with_an_image_prefix_are_read_at_the_text_positions():
+    """GIT puts its image features in front of the text itself: its logits are longer than its labels by them."""
+    from types import SimpleNamespace
+
+    from ran_peft.families import GenerativeFamily
+
+    labels = torch.tensor([[-100, 5, 6, -100]])
+    logits = torch.randn(1, 3 + 4, 10)  # three image positions, then the four text positions
+
+    def forward(**inputs):
+        return SimpleNamespace(loss=torch.zeros(()), logits=logits)
+
+    output = GenerativeFamily().run(forward, {"labels": labels}, torch.zeros(1, 3, 4, 4))
+    assert output.logits_mask.tolist() == [[False, False, False, True, True, False, False]]
+
+
+def test_a_model_that_takes_its_images_under_another_name_is_refused_with_that_name():
+    from ran_peft import UnsupportedModelError
+
+    class TakesOtherPixels(torch.nn.Module):
+        def forward(self, input_ids=None, pixel_values_images=None, labels=None):
+            return None
+
+    with pytest.raises(
+        UnsupportedModelError, match=r"takes its images as `pixel_values_images`, not as `pixel_values`"
+    ):
+        detect_family(TakesOtherPixels())
