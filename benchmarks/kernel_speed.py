@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+
 from ran_peft.kernels.dispatch import kernel_backend
 from ran_peft.kernels.pgd import pgd_step
 from ran_peft.kernels.rectify import rectification_kl, rectification_kl_reference

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ran_peft.kernels.dispatch import triton_available, triton_interpreter_ready
 
 CHILD = "RAN_PEFT_KERNEL_TEST_CHILD"

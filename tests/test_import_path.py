@@ -85,7 +85,9 @@ def shadowed_modules(root: Path = ROOT) -> dict[str, str]:
 
 def test_no_repository_folder_shadows_an_installed_module():
     shadowed = shadowed_modules()
-    assert not shadowed, f"these would be imported from the repository in place of the installed module: {shadowed}"
+    assert not shadowed, (
+        f"these would be imported from the repository in place of the installed module: {shadowed}"
+    )
 
 
 def test_the_check_catches_a_folder_named_like_an_installed_module(tmp_path):
@@ -121,6 +123,9 @@ def test_the_kernels_folder_refuses_to_run_under_another_name():
         "try:\n    spec.loader.exec_module(module)\nexcept ImportError as error:\n    print(error)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT / "kernels" / "dispatch.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(ROOT / "kernels" / "dispatch.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "imports as ran_peft.kernels.dispatch, not as kernels.dispatch" in done.stdout, done.stderr

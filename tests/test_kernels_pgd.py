@@ -4,6 +4,7 @@ an attack relies on (budget ball, pixel box, sign(0), L2 projection, backend cho
 import pytest
 import torch
 from kernel_support import needs_triton, only_when_triton_runs_elsewhere, run_triton_tests_in_fresh_process
+
 from ran_peft.kernels.pgd import (
     NORMS,
     kernel_backend,

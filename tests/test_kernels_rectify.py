@@ -4,6 +4,7 @@ Triton (interpreted on CPU) versions against the reference, masks, temperature a
 import pytest
 import torch
 from kernel_support import needs_triton, only_when_triton_runs_elsewhere, run_triton_tests_in_fresh_process
+
 from ran_peft.kernels import rectify as rectify_module
 from ran_peft.kernels.rectify import (
     rectification_kl,

@@ -2,7 +2,6 @@ import pytest
 import tiny_models as tm
 import torch
 from peft import get_peft_model
-from ran_peft.kernels.rectify import rectification_kl_reference
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 from ran_peft import (
@@ -16,6 +15,7 @@ from ran_peft import (
     detect_family,
     ran_loss,
 )
+from ran_peft.kernels.rectify import rectification_kl_reference
 
 BOX = PixelBox(tm.MEAN, tm.STD)
 FULL_RECIPE = dict(
