@@ -275,7 +275,7 @@ class RANConfig(LoraConfig):
         lora.revision = self.revision
         lora.inference_mode = self.inference_mode
         lora.save_pretrained(save_directory, **kwargs)
-        from ran_peft import __version__
+        from ran_peft.version import __version__
 
         payload = {"ran_peft_version": __version__, **self.recipe_dict()}
         _write_json_atomically(os.path.join(save_directory, RAN_CONFIG_NAME), payload)
