@@ -128,7 +128,9 @@ def test_the_check_finds_a_circle_made_by_a_lazy_import(tmp_path):
     (package / "sub" / "__init__.py").write_text("")
     (package / "a.py").write_text("from pkg.sub import b\n")
     (package / "sub" / "b.py").write_text("def f():\n    from ..c import g\n    return g\n")
-    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
+    )
     graph = import_graph(package, "pkg")
     assert import_circles(graph) == []  # an import for type checkers only is no circle
     (package / "c.py").write_text("def g():\n    import pkg.a\n")
