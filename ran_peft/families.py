@@ -141,6 +141,9 @@ class ModelFamily:
         want_features: bool = False,
         extra: Mapping[str, Any] | None = None,
     ) -> FamilyOutput:
+        """One forward pass of `forward` on `inputs` with `pixel_values` in place of the batch's own: the task
+        loss, the predictive logits (and which rows count) and, with `want_features`, the pooled image features.
+        `extra` holds further keyword arguments for the forward (e.g. the Trainer's `num_items_in_batch`)."""
         raise NotImplementedError
 
     def count_items(self, inputs: Mapping[str, Any]) -> int:
