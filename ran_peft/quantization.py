@@ -12,20 +12,23 @@ logger = logging.getLogger(__name__)
 
 # On a CPU with AVX512-BF16, importing bitsandbytes (which peft and transformers' Trainer do whenever it is
 # installed) tries to fetch a faster 4-bit kernel from the Hugging Face Hub through the `kernels` package and logs
-# a warning when it cannot, even in runs that never quantise anything.
+# a warning when it cannot, even in runs that never quantise anything. Offline (`HF_HUB_OFFLINE=1`), the `kernels`
+# package adds a notice of its own about that same fetch.
 _BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
+_OFFLINE_TRUST_NOTICE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
 
 
 class _HubKernelNoticeFilter(logging.Filter):
-    """Drops bitsandbytes' import-time notice about the Hub kernel; remembers that it was given."""
+    """Drops bitsandbytes' import-time notices about the Hub kernel; remembers that one was given."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(_HUB_KERNEL_NOTICE):
+        if record.getMessage().startswith((_HUB_KERNEL_NOTICE, _OFFLINE_TRUST_NOTICE)):
             self.seen = True
             return False
         return True
@@ -37,9 +40,10 @@ _explained = False
 
 def quiet_bitsandbytes_import_notice() -> None:
     """Install the filter (idempotent). Must run before bitsandbytes is first imported to take effect."""
-    cpu_logger = logging.getLogger(_BITSANDBYTES_CPU_LOGGER)
-    if _notice_filter not in cpu_logger.filters:
-        cpu_logger.addFilter(_notice_filter)
+    for name in (_BITSANDBYTES_CPU_LOGGER, _KERNELS_HUB_LOGGER):
+        notice_logger = logging.getLogger(name)
+        if _notice_filter not in notice_logger.filters:
+            notice_logger.addFilter(_notice_filter)
 
 
 def four_bit_cpu_layers(model: nn.Module) -> list[nn.Module]:
