@@ -163,3 +163,27 @@ def test_without_ran_peft_first_the_notice_the_readme_avoids_is_shown(tmp_path):
     result = _run_in_fresh_process("import bitsandbytes", tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "kernels-community" in result.stderr
+
+
+LINK = re.compile(r"\]\((?!https?://)(?P<target>[^)#\s]*)(?:#(?P<anchor>[^)\s]+))?\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor mkdocs (Python-Markdown's toc) gives a heading."""
+    text = re.sub(r"[^\w\s-]", "", heading.lstrip("#").strip().lower())
+    return re.sub(r"[\s]+", "-", text)
+
+
+def test_the_readmes_links_point_at_files_and_headings():
+    # mkdocs checks the guides' links (`mkdocs build --strict`); the README is not part of the site.
+    broken = []
+    for match in LINK.finditer((ROOT / "README.md").read_text()):
+        target = ROOT / match.group("target") if match.group("target") else ROOT / "README.md"
+        if not target.exists():
+            broken.append(match.group(0))
+        elif match.group("anchor") and target.suffix == ".md":
+            headings = [_slug(line) for line in target.read_text().splitlines() if line.startswith("#")]
+            if match.group("anchor") not in headings:
+                broken.append(match.group(0))
+    assert broken == []
+    assert _slug("## Step cost and memory on a generative VLM") == "step-cost-and-memory-on-a-generative-vlm"
