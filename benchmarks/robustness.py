@@ -40,11 +40,14 @@ from ran_peft.experiments import (
     ExperimentSettings,
     clip_ran_config,
     evaluate_adapter,
+    light_weight_configs,
     peer_configs,
     train_adapter,
 )
 
-METHODS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
+PEERS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
+LIGHT_WEIGHT = ("ran_every3", "ran_boundary25", "ran_free4", "ran_carry", "ran_features")
+METHODS = PEERS + LIGHT_WEIGHT
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
 EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
@@ -246,6 +249,7 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int | None = No
     print(f"[{label}] training {settings.max_steps} steps ...", flush=True)
     work_dir = tempfile.mkdtemp(prefix=f".robustness-{name}-")
     timer = StepTimer()
+    timing: dict[str, float] = {}
     try:
         trainer, model, seconds = train_adapter(
             load_base(setup.model_folder),
@@ -257,6 +261,7 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int | None = No
             work_dir,
             class_text_inputs=setup.class_text_inputs,
             callbacks=[timer],
+            timing=timing,
         )
         print(f"[{label}] trained in {seconds:.1f} s; evaluating ...", flush=True)
         start = time.perf_counter()
@@ -281,6 +286,8 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int | None = No
             for key, attacks in report["attack"].get("per_attack", {}).items()
         },
         "train_seconds": seconds,
+        "train_cpu_seconds": timing["cpu_seconds"],
+        "load_average_after_training": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "step_seconds": seconds / settings.max_steps,
         "median_step_seconds": statistics.median(timer.seconds) if timer.seconds else None,
         "eval_seconds": eval_seconds,
@@ -412,6 +419,8 @@ def add_ratios(results: dict[str, Any]) -> None:
             if run is None:
                 continue
             run["train_time_ratio_to_lora"] = run["train_seconds"] / lora["train_seconds"]
+            if run.get("train_cpu_seconds") and lora.get("train_cpu_seconds"):
+                run["train_cpu_time_ratio_to_lora"] = run["train_cpu_seconds"] / lora["train_cpu_seconds"]
             if run["median_step_seconds"] and lora["median_step_seconds"]:
                 run["median_step_ratio_to_lora"] = run["median_step_seconds"] / lora["median_step_seconds"]
 
@@ -437,7 +446,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "train_seconds": spread([run["train_seconds"] for run in runs]),
             "passed_checks": all(run["passed_checks"] for run in runs),
         }
-        for ratio in ("train_time_ratio_to_lora", "median_step_ratio_to_lora"):
+        for ratio in (
+            "train_time_ratio_to_lora",
+            "train_cpu_time_ratio_to_lora",
+            "median_step_ratio_to_lora",
+        ):
             values = [run[ratio] for run in runs if ratio in run]
             if values:
                 entry[ratio] = spread(values)
@@ -469,9 +482,9 @@ def robustness_markdown(results: dict[str, Any]) -> str:
     header = (
         "| method | clean | "
         + " | ".join(f"robust @{k}" for k in keys)
-        + " | train time / LoRA | median step / LoRA | seeds |"
+        + " | train time / LoRA | train CPU time / LoRA | median step / LoRA | seeds |"
     )
-    lines = [header, "|" + " --- |" * (len(keys) + 5)]
+    lines = [header, "|" + " --- |" * (len(keys) + 6)]
     for name, entry in summary.items():
         cells = " | ".join(_cell(entry["robust_acc"][k]) for k in keys)
         train = (
@@ -480,8 +493,13 @@ def robustness_markdown(results: dict[str, Any]) -> str:
         step = (
             _cell(entry["median_step_ratio_to_lora"], 1, 2) if "median_step_ratio_to_lora" in entry else "n/a"
         )
+        cpu = (
+            _cell(entry["train_cpu_time_ratio_to_lora"], 1, 2)
+            if "train_cpu_time_ratio_to_lora" in entry
+            else "n/a"
+        )
         lines.append(
-            f"| {name} | {_cell(entry['clean_acc'])} | {cells} | {train} | {step} | {len(entry['seeds'])} |"
+            f"| {name} | {_cell(entry['clean_acc'])} | {cells} | {train} | {cpu} | {step} | {len(entry['seeds'])} |"
         )
     largest = keys[-1]
     attacks = list(first["per_attack"].get(largest, {}))
@@ -534,8 +552,10 @@ def robustness_markdown(results: dict[str, Any]) -> str:
             *attack_lines,
             *time_lines,
             "",
-            "Train time / LoRA: end-to-end `trainer.train()` time over LoRA's in the same seed's run; median step / "
-            "LoRA: the median optimiser step over LoRA's. "
+            "Train time / LoRA: end-to-end `trainer.train()` time over LoRA's in the same seed's run; train CPU "
+            "time / LoRA: the same with the CPU time the process spent (`time.process_time`, one torch thread), which "
+            "other processes on a shared machine inflate far less; median step / LoRA: the median optimiser step "
+            "over LoRA's. "
             + (
                 f"RAN's end-to-end ratio over its median-step ratio: {ratio:.2f}."
                 if ratio is not None
@@ -651,7 +671,19 @@ def merge(paths: list[str], out: Path, extra: dict[str, Any] | None = None) -> d
 # ratio runs beside another run like the rest do, then the others from the longest down (train + evaluation time
 # per seed in benchmarks/results/robustness.json), so that short runs fill the end and the processes finish close
 # together.
-JOB_ORDER = ("lora", "ran", "trades", "fgsm_rs", "pgd_at", "pmg_aft", "fare", "tecoa")
+JOB_ORDER = (
+    "lora",
+    "ran",
+    "trades",
+    "fgsm_rs",
+    "pgd_at",
+    "pmg_aft",
+    "fare",
+    "tecoa",
+    "ran_carry",
+    "ran_features",
+)
+JOB_ORDER += ("ran_every3", "ran_boundary25", "ran_free4")
 
 
 def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
@@ -717,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     add_common_arguments(parser)
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+        "--methods", default=",".join(PEERS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
     parser.add_argument(
         "--seeds", default=None, help=f"comma-separated training seeds (default {DEFAULTS['seeds']})"
@@ -752,7 +784,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_in_processes(forwarded, units, args.jobs, args.threads, out)
 
     setup = prepare(args)
-    configs = peer_configs(clip_ran_config(setup.pixel_box), attack_steps=BASELINE_ATTACK_STEPS)
+    default = clip_ran_config(setup.pixel_box)
+    configs = {**peer_configs(default, attack_steps=BASELINE_ATTACK_STEPS), **light_weight_configs(default)}
     configs = {name: configs[name] for name in METHODS if name in methods}
     check_evaluation_is_stronger(setup, configs)
     results = {

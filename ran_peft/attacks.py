@@ -148,6 +148,8 @@ def pgd_perturb(
     text: TextPerturbation | None = None,
     generator: torch.Generator | None = None,
     report: AttackReport | None = None,
+    start: torch.Tensor | None = None,
+    start_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise `loss_fn(adversarial_pixels, text)` by projected sign-gradient ascent; return the adversarial pixels.
 
@@ -157,6 +159,9 @@ def pgd_perturb(
     - `first_gradient`: the loss's gradient at the clean input (free start); it makes the first step, so
       `budget.steps` counts it and one step then needs no extra forward pass.
     - Only the input (and text perturbation) gradients are computed: parameters get none.
+    - `start`: a perturbation (model units, shaped like `pixel_values`) to start from instead of the random start,
+      projected into the budget; with `start_rows` (bool, one per sample on the first axis) only those samples
+      start from it (carried perturbations).
     - A non-finite gradient (fp16 overflow) ends the attack: the last finite perturbation is kept, an
       `AttackSkippedWarning` is issued and `report.skipped` is set. Under torch.distributed the remaining passes
       still run (their gradients unused), so that every rank runs the same passes.
@@ -183,6 +188,16 @@ def pgd_perturb(
         delta = pgd_random_start(clean, generator=generator, **step_kwargs)
     else:
         delta = torch.zeros_like(clean)
+    if start is not None:
+        # A zero step is the projection alone: the start may come from a larger budget (before a warm-up ended).
+        carried, _ = pgd_step(
+            start.to(clean.dtype), torch.zeros_like(clean), clean, step_size=0.0, **step_kwargs
+        )
+        if start_rows is None:
+            delta = carried
+        else:
+            rows = start_rows.reshape(-1, *([1] * (clean.dim() - 1))).to(clean.device)
+            delta = torch.where(rows, carried, delta)
     adversarial = (clean + delta).to(clean.dtype)
     steps_left = budget.steps
     if first_gradient is not None and steps_left > 0:

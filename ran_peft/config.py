@@ -142,6 +142,54 @@ class RANConfig(LoraConfig):
             "running statistics and update nothing. Chosen by `benchmarks/batchnorm_statistics.py`."
         },
     )
+    attack_every: int = field(
+        default=1,
+        metadata={
+            "help": "Attack on every k-th optimiser step only (1: every step). The other steps are plain clean steps "
+            "(the task loss and the terms that need no attack), so a step costs on average 1 + (c - 1) / k LoRA "
+            "steps, where c is the cost of an attacked step."
+        },
+    )
+    adversarial_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of each batch that is attacked and gets the adversarial pass, in (0, 1]: the samples "
+            "with the smallest clean margin (closest to the decision boundary, as in BulletTrain), at least one. "
+            "The adversarial terms are means over those samples. Needs per-sample class logits (image classifiers, "
+            "dual encoders with class prompts) and a batch whose inputs all have the samples on their first axis."
+        },
+    )
+    carry_perturbations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each sample's perturbation and start its next attack from it (ATTA: the attack "
+            "accumulates across epochs) instead of from a random point. Samples are recognised by their pixels; "
+            "the perturbations are kept in half precision on the CPU (about half the size of the images seen). "
+            "Needs a batch whose inputs all have the samples on their first axis."
+        },
+    )
+    free_replay: int = field(
+        default=1,
+        metadata={
+            "help": "Free adversarial training (Shafahi et al. 2019): replay each batch this many optimiser steps, "
+            "one forward/backward each. The first replay is the clean step; each later one trains on the batch "
+            "perturbed by the previous backward's input gradient (adversarial task loss, plus the KL to the "
+            "predictions cached from the clean replay). The batches that arrive during a replay are not used, so "
+            "the number of distinct batches falls by this factor, as in Free AT at the cost of natural training. "
+            "1: off."
+        },
+    )
+    adversarial_pass: Literal["model", "image_features"] = field(
+        default="model",
+        metadata={
+            "help": "What the attack and the adversarial pass run: 'model' (the whole model) or 'image_features' "
+            "(the vision tower and projector only, through the model's `get_image_features`; FARE-style: the "
+            "attack maximises and the consistency term pulls back the distance of the adversarial image features "
+            "to the adapter-disabled model's clean ones, and the language model sees only the clean pass). "
+            "'image_features' needs attack_loss='consistency', consistency_weight > 0, kl_weight=0 and "
+            "adversarial_weight=0."
+        },
+    )
     image_mean: list[float] | None = field(
         default=None,
         metadata={
@@ -179,7 +227,7 @@ class RANConfig(LoraConfig):
         finite("epsilon", 0.0, 1.0, "a budget in [0, 1] pixel units (4/255 is a common choice)")
         if self.step_size is not None:
             finite("step_size", 0.0, 1.0, "None or a step in [0, 1] pixel units")
-        for name in ("attack_steps", "spectrum_top_k"):
+        for name in ("attack_steps", "spectrum_top_k", "attack_every", "free_replay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
@@ -197,10 +245,15 @@ class RANConfig(LoraConfig):
                 self.adversarial_batch_statistics,
                 "'batch_only' or 'update_running'",
             )
-        for name in ("random_start", "free_start"):
+        for name in ("random_start", "free_start", "carry_perturbations"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         finite("adversarial_weight", 0.0, 1.0)
+        finite("adversarial_fraction", 0.0, 1.0, "a share of the batch in (0, 1]")
+        if self.adversarial_fraction == 0:
+            _fail("adversarial_fraction", self.adversarial_fraction, "a share of the batch in (0, 1]")
+        if self.adversarial_pass not in ("model", "image_features"):
+            _fail("adversarial_pass", self.adversarial_pass, "'model' or 'image_features'")
         for name in (
             "kl_weight",
             "task_weight",
@@ -231,6 +284,44 @@ class RANConfig(LoraConfig):
             )
         if (self.image_mean is None) != (self.image_std is None):
             _fail("image_mean", self.image_mean, "set together with image_std (both or neither)")
+        self._validate_light_weight_recipes()
+
+    def _validate_light_weight_recipes(self) -> None:
+        """The settings that change which passes a step runs must not contradict each other."""
+        if self.adversarial_pass == "image_features":
+            for name, wanted, ok in (
+                ("attack_loss", "'consistency'", self.attack_loss == "consistency"),
+                ("consistency_weight", "a weight > 0", self.consistency_weight > 0),
+                ("kl_weight", "0", self.kl_weight == 0),
+                ("adversarial_weight", "0", self.adversarial_weight == 0),
+                ("reference_kl_weight", "0", self.reference_kl_weight == 0),
+                ("text_epsilon", "0", self.text_epsilon == 0),
+            ):
+                if not ok:
+                    _fail(
+                        name,
+                        getattr(self, name),
+                        f"{wanted} with adversarial_pass='image_features' (its "
+                        "adversarial pass gives image features only, no task loss or predictions)",
+                    )
+        if self.free_replay > 1:
+            for name, wanted, ok in (
+                ("attack_every", "1", self.attack_every == 1),
+                ("adversarial_fraction", "1.0", self.adversarial_fraction == 1.0),
+                ("carry_perturbations", "False", not self.carry_perturbations),
+                ("adversarial_pass", "'model'", self.adversarial_pass == "model"),
+                ("text_epsilon", "0", self.text_epsilon == 0),
+                ("attack_loss", "'task'", self.attack_loss == "task"),
+                ("consistency_weight", "0", self.consistency_weight == 0),
+                ("reference_kl_weight", "0", self.reference_kl_weight == 0),
+            ):
+                if not ok:
+                    _fail(
+                        name,
+                        getattr(self, name),
+                        f"{wanted} with free_replay > 1 (each replay is one "
+                        "forward/backward whose input gradient makes the next replay's perturbation)",
+                    )
 
     # -- derived values ------------------------------------------------------------------------------------------
 

@@ -141,6 +141,37 @@ def peer_configs(config: RANConfig, attack_steps: int = 10) -> dict[str, RANConf
     }
 
 
+def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
+    """RAN recipes that cost less than two passes a step (or spend the second pass better), each a setting of
+    `RANConfig` on top of `config` (RAN's default):
+
+    - `ran_every3`: the attack and the adversarial pass on every 3rd step only (`attack_every=3`);
+    - `ran_boundary25`: the attack and the adversarial terms on the quarter of each batch nearest the decision
+      boundary (`adversarial_fraction=0.25`, BulletTrain-style);
+    - `ran_free4`: Free adversarial training with 4 replays of each batch and the KL to the clean replay's cached
+      predictions (`free_replay=4`), one forward/backward per step;
+    - `ran_carry`: each sample's perturbation carried across epochs (`carry_perturbations=True`, ATTA-style);
+    - `ran_features`: the attack and the adversarial pass through the image tower alone, the adversarial image
+      features pulled to the pre-trained model's clean ones (`adversarial_pass='image_features'`, FARE-style),
+      on top of the clean task loss.
+    """
+    return {
+        "ran_every3": replace(config, attack_every=3),
+        "ran_boundary25": replace(config, adversarial_fraction=0.25),
+        "ran_free4": replace(config, free_replay=4),
+        "ran_carry": replace(config, carry_perturbations=True),
+        "ran_features": replace(
+            config,
+            adversarial_pass="image_features",
+            attack_loss="consistency",
+            consistency_weight=1.0,
+            kl_weight=0.0,
+            adversarial_weight=0.0,
+            free_start=False,
+        ),
+    }
+
+
 def train_adapter(
     model: torch.nn.Module,
     config: RANConfig,
@@ -152,11 +183,13 @@ def train_adapter(
     *,
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     callbacks: Sequence[Any] = (),
+    timing: dict[str, float] | None = None,
 ):
     """Wrap `model` with the adapter of `config` and train it with the stock Trainer and `RANCallback`
     (and `callbacks`, e.g. a step timer).
 
-    Returns `(trainer, peft_model, train_seconds)`.
+    Returns `(trainer, peft_model, train_seconds)`. `timing`, when given, also gets `cpu_seconds`: the CPU time this
+    process spent in `trainer.train()`, which other processes on a shared machine inflate far less than wall time.
     """
     from peft import get_peft_model
     from transformers import set_seed
@@ -193,9 +226,12 @@ def train_adapter(
         processing_class=image_processor,
         callbacks=[RANCallback(class_text_inputs=class_text_inputs), *callbacks],
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    return trainer, peft_model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if timing is not None:
+        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    return trainer, peft_model, seconds
 
 
 def evaluate_adapter(

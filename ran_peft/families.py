@@ -146,6 +146,13 @@ class ModelFamily:
         `extra` holds further keyword arguments for the forward (e.g. the Trainer's `num_items_in_batch`)."""
         raise NotImplementedError
 
+    def image_features(
+        self, model: nn.Module, inputs: Mapping[str, Any], pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """The image features of the vision tower and projector alone, one row per image token or image
+        (`RANConfig.adversarial_pass='image_features'`): the language model or text tower does not run."""
+        return vision_tower_features(model, inputs, pixel_values)
+
     def count_items(self, inputs: Mapping[str, Any]) -> int:
         """How many loss items this batch holds, counted as `transformers.Trainer` counts them."""
         labels = inputs.get("labels")
@@ -288,6 +295,32 @@ class GenerativeFamily(ModelFamily):
 
     def count_items(self, inputs):
         return int(inputs["labels"][..., 1:].ne(-100).sum())
+
+
+def vision_tower_features(
+    model: nn.Module, inputs: Mapping[str, Any], pixel_values: torch.Tensor
+) -> torch.Tensor:
+    """`get_image_features` of the base model, with the batch's image inputs its signature names, as one float
+    tensor `[rows, D]` (per-image lists, as LLaVA-style models return them, are stacked)."""
+    base = unwrap_model(model)
+    get_image_features = getattr(base, "get_image_features", None)
+    if get_image_features is None:
+        raise ValueError(
+            f"RANConfig.adversarial_pass='image_features' runs the model's `get_image_features`, which "
+            f"{type(base).__name__} does not have; use adversarial_pass='model'."
+        )
+    parameters = inspect.signature(get_image_features).parameters
+    image_inputs = {
+        key: value for key, value in inputs.items() if key in parameters and key != "pixel_values"
+    }
+    output = get_image_features(pixel_values=pixel_values, **image_inputs)
+    if not torch.is_tensor(output) and not isinstance(output, (list, tuple)):
+        output = _get(
+            output, "pooler_output"
+        )  # transformers >= 5.x: a ModelOutput with the projected features
+    if isinstance(output, (list, tuple)):
+        output = torch.cat([part.reshape(-1, part.shape[-1]) for part in output])
+    return output.float()
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,10 @@ class OpenCLIPFamily(DualEncoderFamily):
     name = "open_clip"
     routes_every_call = True  # the model's forward takes `image`/`text`, not the Trainer's `pixel_values`
 
+    def image_features(self, model, inputs, pixel_values):
+        """open_clip's image tower alone: `encode_image` (unnormalised embeddings)."""
+        return unwrap_model(model).encode_image(pixel_values).float()
+
     def run(self, forward, inputs, pixel_values, *, want_features=False, extra=None):
         extra = dict(extra or {})
         num_items_in_batch = extra.pop("num_items_in_batch", None)

@@ -12,23 +12,25 @@ logger = logging.getLogger(__name__)
 
 # On a CPU with AVX512-BF16, importing bitsandbytes (which peft and transformers' Trainer do whenever it is
 # installed) tries to fetch a faster 4-bit kernel from the Hugging Face Hub through the `kernels` package and logs
-# a warning when it cannot, even in runs that never quantise anything. Offline (`HF_HUB_OFFLINE=1`), the `kernels`
-# package adds a notice of its own about that same fetch.
-_BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-_KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
-_OFFLINE_TRUST_NOTICE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+# a warning when it cannot, even in runs that never quantise anything. Offline, `kernels` first logs that it skips
+# the publisher check of that repository. Both notices are about that one kernel: (logger, message prefix).
+_BITSANDBYTES_HUB_KERNEL = "kernels-community/quantization-bitsandbytes"
+_IMPORT_NOTICES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", f"Skipping publisher trust check for '{_BITSANDBYTES_HUB_KERNEL}'"),
+)
 
 
 class _HubKernelNoticeFilter(logging.Filter):
-    """Drops bitsandbytes' import-time notices about the Hub kernel; remembers that one was given."""
+    """Drops the import-time notices about bitsandbytes' Hub kernel; remembers that one was given."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith((_HUB_KERNEL_NOTICE, _OFFLINE_TRUST_NOTICE)):
+        message = record.getMessage()
+        if any(record.name == name and message.startswith(prefix) for name, prefix in _IMPORT_NOTICES):
             self.seen = True
             return False
         return True
@@ -40,8 +42,8 @@ _explained = False
 
 def quiet_bitsandbytes_import_notice() -> None:
     """Install the filter (idempotent). Must run before bitsandbytes is first imported to take effect."""
-    for name in (_BITSANDBYTES_CPU_LOGGER, _KERNELS_HUB_LOGGER):
-        notice_logger = logging.getLogger(name)
+    for logger_name, _ in _IMPORT_NOTICES:
+        notice_logger = logging.getLogger(logger_name)
         if _notice_filter not in notice_logger.filters:
             notice_logger.addFilter(_notice_filter)
 

@@ -17,6 +17,13 @@ import numpy as np
 import torch
 import transformers as tf
 
+
+def _pil(name: str) -> type:
+    """The image processor class with the PIL backend: `<Name>Pil` where the release has it (the plain name needs
+    torchvision there, which does not import beside the CPU torch), else the plain class."""
+    return getattr(tf, f"{name}Pil", None) or getattr(tf, name)
+
+
 IMAGE_SIZE = 32
 VOCAB = 128
 IMAGE_TOKEN = 120
@@ -154,7 +161,7 @@ def generative_batch(
 
 
 def vit() -> Architecture:
-    processor = tf.ViTImageProcessor(
+    processor = _pil("ViTImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     config = tf.ViTConfig(**_CLIP_VISION, num_labels=3)
@@ -171,7 +178,7 @@ def vit() -> Architecture:
 
 
 def dinov2() -> Architecture:
-    processor = tf.BitImageProcessor(
+    processor = _pil("BitImageProcessor")(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=MEAN,
@@ -191,7 +198,7 @@ def dinov2() -> Architecture:
 
 
 def swin() -> Architecture:
-    processor = tf.ViTImageProcessor(
+    processor = _pil("ViTImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     config = tf.SwinConfig(
@@ -216,7 +223,9 @@ def swin() -> Architecture:
 
 
 def resnet() -> Architecture:
-    processor = tf.ConvNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, image_mean=MEAN, image_std=STD)
+    processor = _pil("ConvNextImageProcessor")(
+        size={"shortest_edge": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
+    )
     config = tf.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
     )
@@ -234,7 +243,9 @@ def resnet() -> Architecture:
 
 
 def convnext() -> Architecture:
-    processor = tf.ConvNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, image_mean=MEAN, image_std=STD)
+    processor = _pil("ConvNextImageProcessor")(
+        size={"shortest_edge": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
+    )
     config = tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
     model = tf.ConvNextForImageClassification(config)
     return Architecture(
@@ -252,7 +263,7 @@ def convnext() -> Architecture:
 
 
 def clip() -> Architecture:
-    processor = tf.CLIPImageProcessor(
+    processor = _pil("CLIPImageProcessor")(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=MEAN,
@@ -265,7 +276,7 @@ def clip() -> Architecture:
 
 
 def siglip() -> Architecture:
-    processor = tf.SiglipImageProcessor(
+    processor = _pil("SiglipImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     model = tf.SiglipModel(tf.SiglipConfig(text_config=_CLIP_TEXT, vision_config=_CLIP_VISION))
@@ -275,7 +286,7 @@ def siglip() -> Architecture:
 
 
 def chinese_clip() -> Architecture:
-    processor = tf.ChineseCLIPImageProcessor(
+    processor = _pil("ChineseCLIPImageProcessor")(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=MEAN,
@@ -303,7 +314,9 @@ def chinese_clip() -> Architecture:
 
 
 def siglip2(batch: int = 3) -> Architecture:
-    processor = tf.Siglip2ImageProcessor(patch_size=8, max_num_patches=16, image_mean=MEAN, image_std=STD)
+    processor = _pil("Siglip2ImageProcessor")(
+        patch_size=8, max_num_patches=16, image_mean=MEAN, image_std=STD
+    )
     vision = dict(_CLIP_VISION, num_patches=16)
     vision.pop("image_size")
     model = tf.Siglip2Model(tf.Siglip2Config(text_config=_CLIP_TEXT, vision_config=vision))
@@ -328,7 +341,7 @@ def siglip2(batch: int = 3) -> Architecture:
 
 
 def _blip_processor() -> Any:
-    return tf.BlipImageProcessor(
+    return _pil("BlipImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
 
@@ -444,7 +457,7 @@ def instructblip(batch: int = 2) -> Architecture:
 
 
 def llava(batch: int = 2) -> Architecture:
-    processor = tf.CLIPImageProcessor(
+    processor = _pil("CLIPImageProcessor")(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=MEAN,
@@ -462,7 +475,7 @@ def llava(batch: int = 2) -> Architecture:
 def llava_next(batch: int = 2) -> Architecture:
     """A wide and a square image: the square one has fewer tiles, and the processor pads it with a zero tile."""
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, IMAGE_SIZE * 2], [IMAGE_SIZE * 2, IMAGE_SIZE]]
-    processor = tf.LlavaNextImageProcessor(
+    processor = _pil("LlavaNextImageProcessor")(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_grid_pinpoints=pinpoints, image_mean=MEAN, image_std=STD,
     )  # fmt: skip
@@ -491,7 +504,7 @@ def llava_next(batch: int = 2) -> Architecture:
 
 
 def gemma3(batch: int = 2, open_projector: bool = True) -> Architecture:
-    processor = tf.Gemma3ImageProcessor(
+    processor = _pil("Gemma3ImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     text = dict(
@@ -516,7 +529,7 @@ def gemma3(batch: int = 2, open_projector: bool = True) -> Architecture:
 
 
 def paligemma(batch: int = 2) -> Architecture:
-    processor = tf.SiglipImageProcessor(
+    processor = _pil("SiglipImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     text = dict(
@@ -535,7 +548,7 @@ def paligemma(batch: int = 2) -> Architecture:
 
 
 def mllama(batch: int = 2, open_gates: bool = True) -> Architecture:
-    processor = tf.MllamaImageProcessor(
+    processor = _pil("MllamaImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=2, image_mean=MEAN, image_std=STD
     )
     vision = dict(
@@ -567,7 +580,7 @@ def mllama(batch: int = 2, open_gates: bool = True) -> Architecture:
 
 
 def internvl(batch: int = 2) -> Architecture:
-    processor = tf.GotOcr2ImageProcessor(
+    processor = _pil("GotOcr2ImageProcessor")(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=MEAN, image_std=STD
     )
     vision = dict(
@@ -583,7 +596,7 @@ def internvl(batch: int = 2) -> Architecture:
 
 
 def mistral3(batch: int = 2) -> Architecture:
-    processor = tf.PixtralImageProcessor(
+    processor = _pil("PixtralImageProcessor")(
         size={"longest_edge": IMAGE_SIZE}, patch_size=8, image_mean=MEAN, image_std=STD
     )
     vision = dict(
@@ -600,7 +613,7 @@ def mistral3(batch: int = 2) -> Architecture:
 
 
 def _qwen_processor() -> Any:
-    return tf.Qwen2VLImageProcessor(
+    return _pil("Qwen2VLImageProcessor")(
         patch_size=8, temporal_patch_size=2, merge_size=2, image_mean=MEAN, image_std=STD,
         size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
     )  # fmt: skip
@@ -656,7 +669,7 @@ def qwen3_vl(batch: int = 2) -> Architecture:
 
 def idefics3(images_per_sample: tuple[int, ...] = (1, 2)) -> Architecture:
     """Samples with 1 and 2 images: the processor pads the first sample with an all-zero image."""
-    processor = tf.Idefics3ImageProcessor(
+    processor = _pil("Idefics3ImageProcessor")(
         do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
         image_mean=MEAN, image_std=STD,
     )  # fmt: skip

@@ -93,6 +93,37 @@ def test_two_ddp_processes_with_accumulation_match_one_process(tmp_path, one_thr
     assert moved > 100 * DDP_TOLERANCE  # the comparison is not between two untrained adapters
 
 
+# The light-weight recipes skip or shrink the attack, replay batches or carry perturbations: each step still ends in
+# exactly one all-reduce of every trainable weight.
+LIGHT_WEIGHT_RECIPES = {
+    "every-2nd-step, boundary half, carried": {
+        "attack_every": 2,
+        "adversarial_fraction": 0.5,
+        "carry_perturbations": True,
+    },
+    "free replay": {"free_replay": 2},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(LIGHT_WEIGHT_RECIPES))
+def test_light_weight_recipes_keep_one_all_reduce_per_step_under_ddp(tmp_path, one_thread, recipe):
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), str(SCRIPT), "--out", str(tmp_path / "ddp"),
+        "--per-device-batch", "2", "--accumulation", "2", "--steps", "4",
+        "--recipe", json.dumps(LIGHT_WEIGHT_RECIPES[recipe]),
+    ]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "ddp" / f"report-rank{rank}.json").read_text())
+        assert report["world_size"] == 2 and len(report["losses"]) == 4
+        assert report["all_reduce_sizes"] == [report["trainable_numel"]] * 4
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread):
     script = _script()
     script.train(str(tmp_path / "big"), per_device_batch=4, accumulation=1, steps=2)

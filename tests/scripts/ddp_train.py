@@ -75,7 +75,7 @@ class CountAllReduces(TrainerCallback):
         wrapped.register_comm_hook(None, counting_hook)
 
 
-def build_model(architecture: str = "convnext", attack_steps: int = 2):
+def build_model(architecture: str = "convnext", attack_steps: int = 2, recipe: dict | None = None):
     torch.manual_seed(0)
     if architecture == "convnext":
         case = tm.convnext(batch=2, seed=0)  # ConvNext has no dropout
@@ -97,6 +97,7 @@ def build_model(architecture: str = "convnext", attack_steps: int = 2):
         kl_weight=1.0,
         image_mean=list(tm.MEAN),
         image_std=list(tm.STD),
+        **(recipe or {}),
     )
     model = get_peft_model(case.model, config)
     with (
@@ -126,8 +127,9 @@ def train(
     activation_checkpointing: str = "off",
     fsdp: bool = False,
     find_unused_parameters: bool | None = None,
+    recipe: dict | None = None,
 ) -> dict:
-    model = build_model(architecture)
+    model = build_model(architecture, recipe=recipe)
     extra = {}
     if activation_checkpointing != "off":
         extra["gradient_checkpointing"] = True
@@ -207,6 +209,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", choices=["off", "default", "reentrant"], default="off")
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--find-unused-parameters", choices=["default", "true", "false"], default="default")
+    parser.add_argument("--recipe", default="{}", help="RANConfig fields over the script's own, as JSON")
     cli = parser.parse_args()
     find_unused = {"default": None, "true": True, "false": False}[cli.find_unused_parameters]
     train(
@@ -218,6 +221,7 @@ def main() -> None:
         activation_checkpointing=cli.activation_checkpointing,
         fsdp=cli.fsdp,
         find_unused_parameters=find_unused,
+        recipe=json.loads(cli.recipe),
     )
     if torch.distributed.is_initialized():
         # Without this, gloo's threads can still be running when the interpreter exits: `terminate called without
