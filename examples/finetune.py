@@ -109,6 +109,8 @@ def run(args: FinetuneArguments) -> dict:
         "recipe": config.recipe_dict(),
         "base_model": args.model or "embedded",
     }
+    if args.dataset == "synthetic":  # the card names the synthetic task it was evaluated on
+        metrics["synthetic_task"] = args.task
     if not distributed:  # under torchrun, rank 0 measures once training is done
         metrics["runs"]["before"] = evaluate_adapter(
             model, evaluation, collator, pixel_box, settings, **measure

@@ -3,14 +3,14 @@
 `get_peft_model(model, RANConfig(...))` builds the adapter; `RANCallback` makes the stock Trainer train it.
 """
 
-__version__ = "0.1.0"
-
 # Before anything imports bitsandbytes (peft and transformers' Trainer do): its Hub-kernel notice is told only
 # where 4-bit layers are used (`ran_peft.quantization`).
 from ran_peft.quantization import quiet_bitsandbytes_import_notice
 
 quiet_bitsandbytes_import_notice()
 
+# Registers open_clip's family detector with `detect_family` (open_clip itself is imported only to load a model).
+import ran_peft.open_clip  # noqa: F401
 from ran_peft.attacks import (
     AttackBudget,
     AttackReport,
@@ -85,6 +85,7 @@ from ran_peft.training import (
     ran_loss,
     resolve_pixel_box,
 )
+from ran_peft.version import __version__ as __version__
 
 __all__ = [
     "AttackReport",

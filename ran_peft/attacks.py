@@ -113,6 +113,8 @@ class TextPerturbation:
 
     @contextlib.contextmanager
     def active(self, track_gradient: bool = False) -> Iterator[TextPerturbation]:
+        """Add the perturbation to the embedding's output inside the `with` block (its gradient tracked when
+        `track_gradient`); the hook is removed on leaving."""
         self.track_gradient = track_gradient
         handle = self.embedding.register_forward_hook(self._hook)
         try:
@@ -122,6 +124,8 @@ class TextPerturbation:
             self.track_gradient = False
 
     def step(self, gradient: torch.Tensor | None, step_size: float) -> None:
+        """One signed-gradient ascent step of `step_size`, projected on the L-inf ball of `epsilon`; a missing or
+        non-finite gradient leaves the perturbation as it is."""
         if self.delta is None or gradient is None or not _all_finite(gradient):
             return  # a non-finite gradient (fp16 overflow) moves nothing: the sign of NaN is NaN
         with torch.no_grad():
@@ -129,6 +133,7 @@ class TextPerturbation:
             self.delta = updated.clamp_(-self.epsilon, self.epsilon)
 
     def detach(self) -> None:
+        """Cut the perturbation from the graph it was made in (keep its value, drop its history)."""
         if self.delta is not None:
             self.delta = self.delta.detach()
 

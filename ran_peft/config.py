@@ -19,6 +19,7 @@ from peft import LoraConfig
 from ran_peft.pixel_layout import PIXEL_LAYOUTS
 
 RAN_CONFIG_NAME = "ran_config.json"
+"""The file beside `adapter_config.json` that holds the recipe (stock PEFT never reads it)."""
 
 _LORA_FIELD_NAMES = frozenset(f.name for f in fields(LoraConfig))
 
@@ -38,7 +39,7 @@ class RANConfig(LoraConfig):
     + covariance_weight * offdiag(cov z(x)) + spectrum_weight * (1 - top-k spectrum share of z(x))`,
     where `delta` is made by PGD inside the budget. With `epsilon=0` and every weight 0, RAN is LoRA training.
     Budgets are in [0, 1] pixel units, converted per channel with the image processor's mean and std.
-    Every default comes from `benchmarks/ablation.py` (see the README's ablation table).
+    Every default comes from `benchmarks/ablation.py` (see the benchmarks guide).
     """
 
     epsilon: float = field(
@@ -333,6 +334,7 @@ class RANConfig(LoraConfig):
 
     @property
     def resolved_text_step_size(self) -> float:
+        """The text-embedding attack's step (the rule of `text_step_size=None` applied)."""
         if self.text_step_size is not None:
             return self.text_step_size
         return _default_step(self.text_epsilon, self.attack_steps)
@@ -366,7 +368,7 @@ class RANConfig(LoraConfig):
         lora.revision = self.revision
         lora.inference_mode = self.inference_mode
         lora.save_pretrained(save_directory, **kwargs)
-        from ran_peft import __version__
+        from ran_peft.version import __version__
 
         payload = {"ran_peft_version": __version__, **self.recipe_dict()}
         _write_json_atomically(os.path.join(save_directory, RAN_CONFIG_NAME), payload)

@@ -149,6 +149,9 @@ class ModelFamily:
         want_features: bool = False,
         extra: Mapping[str, Any] | None = None,
     ) -> FamilyOutput:
+        """One forward pass of `forward` on `inputs` with `pixel_values` in place of the batch's own: the task
+        loss, the predictive logits (and which rows count) and, with `want_features`, the pooled image features.
+        `extra` holds further keyword arguments for the forward (e.g. the Trainer's `num_items_in_batch`)."""
         raise NotImplementedError
 
     def image_features(
@@ -332,15 +335,43 @@ def vision_tower_features(
     return output.float()
 
 
+@dataclass(frozen=True)
+class FamilyDetector:
+    """How `detect_family` recognises one kind of model that transformers' forward signatures do not describe.
+
+    `detect(model, class_text_inputs)` returns the family for a model of that kind (else None);
+    `why_unsupported(model)` says why a model that looks like that kind cannot be trained (else None), and that
+    sentence leads the error for a model no family takes. A module registers its detector when it is imported
+    (`ran_peft.open_clip` does, and `import ran_peft` imports it), so this module imports none of them.
+    """
+
+    name: str
+    detect: Callable[[nn.Module, Mapping[str, torch.Tensor] | None], ModelFamily | None]
+    why_unsupported: Callable[[nn.Module], str | None] = lambda model: None
+
+
+# Asked in registration order, before the forward signature is read.
+_FAMILY_DETECTORS: dict[str, FamilyDetector] = {}
+
+
+def register_family_detector(detector: FamilyDetector) -> None:
+    """Let `detect_family` recognise another kind of model; registering a name again replaces its detector."""
+    _FAMILY_DETECTORS[detector.name] = detector
+
+
 def detect_family(
     model: nn.Module, class_text_inputs: Mapping[str, torch.Tensor] | None = None
 ) -> ModelFamily:
-    """Recognise the model family from the base model's forward signature and generation ability."""
-    base = unwrap_model(model)
-    from ran_peft.open_clip import OpenCLIPFamily, is_open_clip_model, unsupported_open_clip_reason
+    """Recognise the model family: the registered detectors first (open_clip), then the base model's forward
+    signature and generation ability (transformers models).
 
-    if is_open_clip_model(base):
-        return OpenCLIPFamily(class_text_inputs)
+    Raises `UnsupportedModelError` naming what the model lacks and the families RAN supports.
+    """
+    base = unwrap_model(model)
+    for detector in _FAMILY_DETECTORS.values():
+        family = detector.detect(base, class_text_inputs)
+        if family is not None:
+            return family
     parameters = inspect.signature(base.forward).parameters
     name = type(base).__name__
     if "pixel_values" not in parameters:
@@ -351,7 +382,8 @@ def detect_family(
             if images
             else "its forward takes no `pixel_values`, so there is no image to attack"
         )
-        reason = unsupported_open_clip_reason(base) or f"{name} cannot be trained with RAN: {taken}."
+        reasons = (detector.why_unsupported(base) for detector in _FAMILY_DETECTORS.values())
+        reason = next((reason for reason in reasons if reason), None) or f"{name} cannot be trained with RAN: {taken}."
         raise UnsupportedModelError(f"{reason} {SUPPORTED_FAMILIES}")
     if "return_loss" in parameters:
         return DualEncoderFamily(class_text_inputs)

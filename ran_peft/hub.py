@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ran_peft.config import RAN_CONFIG_NAME, RANConfig
 
@@ -36,21 +36,191 @@ def public_model_name(value: str | None) -> str | None:
     return None if value is None or _is_local_path(value) else value
 
 
-def model_card_text(
+# How open_clip writes a Hub id (`hf-hub:owner/name`) and a local folder (`local-dir:path`).
+_OPEN_CLIP_HUB_PREFIX, _OPEN_CLIP_LOCAL_PREFIX = "hf-hub:", "local-dir:"
+
+
+def hub_model_id(value: str | None) -> str | None:
+    """The Hub id of a base model, for the card's `base_model`: None for a local path or a name that is no Hub id.
+
+    open_clip's `hf-hub:owner/name` gives `owner/name`; `local-dir:...` and folders on disk give None.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not value or value.startswith(_OPEN_CLIP_LOCAL_PREFIX):
+        return None
+    value = value.removeprefix(_OPEN_CLIP_HUB_PREFIX)
+    if public_model_name(value) is None:
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value
+
+
+# `model-index` task types by how the robust accuracy was scored (`ran_peft.families` names the family).
+TASK_TYPES = {
+    "image_classifier": "image-classification",
+    "dual_encoder": "image-classification",  # scored as a prompt classifier (image-to-class-prompt logits)
+    "open_clip": "image-classification",
+    "generative": "image-text-to-text",
+}
+_NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
+
+
+def _adapter_run(metrics: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The evaluation of the adapter itself: the run named `ran`, else the only or the last run."""
+    runs = metrics.get("runs")
+    if not runs:
+        return "adapter", metrics
+    name = "ran" if "ran" in runs else list(runs)[-1]
+    return name, runs[name]
+
+
+def _attack_of(metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+    return metrics.get("attack") or _adapter_run(metrics)[1].get("attack") or {}
+
+
+def attack_label(attack: Mapping[str, Any]) -> str:
+    """The attack in a few words, e.g. "AutoAttack-quick (APGD-CE, APGD-T, FAB-T, Square)" or "PGD-20, 1 restart"."""
+    name = str(attack.get("name") or "an unnamed attack")
+    if name.lower().startswith("autoattack"):
+        parts = [part.upper().replace("SQUARE", "Square") for part in attack.get("attacks", [])]
+        return f"{name} ({', '.join(parts)})" if parts else name
+    if name == "fgsm":
+        return "FGSM"
+    if name == "pgd":
+        restarts = int(attack.get("restarts") or 1)
+        return f"PGD-{attack.get('steps')}, {restarts} restart{'s' if restarts != 1 else ''}"
+    return name
+
+
+def attack_sentence(attack: Mapping[str, Any], num_samples: int | None = None) -> str:
+    """One sentence saying what the card's robust accuracy measures: the attack, the budget, the worst case."""
+    name = str(attack.get("name") or "")
+    samples = f"the {num_samples} held-out samples" if num_samples else "the held-out samples"
+    if name.lower().startswith("autoattack"):
+        how = (
+            "with fewer iterations than AutoAttack's standard set"
+            if attack.get("version") == "quick"
+            else "AutoAttack's standard set, as RobustBench runs it"
+        )
+        attacker = f"{name} (torchattacks' APGD-CE, APGD-T, FAB-T and Square, {how})"
+        worst = "a sample counts as fooled when any one of the four attacks fools it"
+    elif name == "pgd":
+        restarts = int(attack.get("restarts") or 1)
+        loss = "the answer-token loss" if "answer" in str(attack.get("description", "")) else "the task loss"
+        attacker = f"PGD with {attack.get('steps')} steps and {restarts} random restart{'s' if restarts != 1 else ''} on {loss}"
+        worst = "a sample counts as fooled when any restart fools it"
+    elif name == "fgsm":
+        attacker, worst = "a single FGSM step", "one attack per sample"
+    else:
+        attacker = str(attack.get("description") or name or "an unnamed attack")
+        worst = "per-sample worst case"
+    norm = attack.get("norm", "linf")
+    budget = (
+        "may move every pixel by at most ε"
+        if norm == "linf"
+        else f"may change each image by an {_NORM_NAMES.get(norm, norm)} distance of at most ε"
+    )
+    return (
+        f"Robust accuracy is the share of {samples} still predicted correctly when {attacker} {budget} "
+        f"(ε in [0, 1] pixel units, per column of the table); {worst}."
+    )
+
+
+def _dataset_of(datasets: list[str] | None, metrics: Mapping[str, Any]) -> tuple[str, str]:
+    """(`dataset.type`, `dataset.name`) of the evaluation: a Hub id, the built-in synthetic data, or "local"."""
+    named = [name for name in (datasets or []) if name]
+    if not named:
+        return "local", "a held-out split of the training data"
+    name = named[0]
+    if name == "synthetic":
+        task = metrics.get("synthetic_task")
+        detail = f", task {task}" if task else ""
+        return "synthetic", f"ran_peft's synthetic medical images (procedural{detail})"
+    if _is_local_path(name):
+        return "local", "a local dataset (held-out split)"
+    return name, name
+
+
+def robustness_eval_results(
+    metrics: Mapping[str, Any],
+    *,
+    task_type: str = "image-classification",
+    datasets: list[str] | None = None,
+) -> list[EvalResult]:
+    """The adapter's clean and robust accuracies (in %) as `huggingface_hub.EvalResult`s for the card's
+    `model-index`: one per budget, each with the attack, the norm and the budget written out.
+
+    The adapter's run is `metrics["runs"]["ran"]` (else the only or the last run; `metrics` itself when it has
+    no `runs`), as `ran_metrics.json` holds it.
+    """
+    _, run = _adapter_run(metrics)
+    attack = _attack_of(metrics)
+    dataset_type, dataset_name = _dataset_of(datasets, metrics)
+    common = dict(
+        task_type=task_type,
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
+        dataset_split="held-out evaluation rows",
+    )
+    results = []
+    if run.get("clean_accuracy") is not None:
+        results.append(
+            EvalResult(
+                **common,
+                metric_type="accuracy",
+                metric_value=round(100 * float(run["clean_accuracy"]), 1),
+                metric_name="clean accuracy",
+            )
+        )
+    norm = str(attack.get("norm", "linf"))
+    label = attack_label(attack)
+    for budget, value in run.get("robust_accuracy", {}).items():
+        results.append(
+            EvalResult(
+                **common,
+                metric_type="accuracy",
+                metric_value=round(100 * float(value), 1),
+                metric_name=f"robust accuracy, {_NORM_NAMES.get(norm, norm)} {budget}, {label}",
+                metric_config=f"{norm} {budget}",
+                metric_args={
+                    "attack": str(attack.get("name", "")),
+                    "norm": norm,
+                    "epsilon": str(budget),
+                    "pixel_units": "[0, 1]",
+                    **({"num_samples": int(run["num_samples"])} if run.get("num_samples") else {}),
+                },
+            )
+        )
+    return results
+
+
+def model_card(
     config: RANConfig,
     *,
     base_model: str | None,
     metrics: Mapping[str, Any] | None = None,
     datasets: list[str] | None = None,
-) -> str:
-    """The adapter's `README.md`: YAML metadata, the recipe, and a clean/robust accuracy table with its attack."""
-    base_model = public_model_name(base_model)
+    task_type: str = "image-classification",
+) -> ModelCard:
+    """The adapter's card: YAML metadata (`base_model` when it is a Hub id, `model-index` with the clean and
+    robust accuracies), the recipe, a clean/robust accuracy table and one sentence saying what was attacked how.
+
+    `task_type` is the `model-index` task (`TASK_TYPES` maps model families to it).
+    """
+    base_model = hub_model_id(base_model)
+    eval_results = robustness_eval_results(metrics, task_type=task_type, datasets=datasets) if metrics else []
     data = ModelCardData(
         base_model=base_model,
         library_name="peft",
         tags=["ran-peft", "lora", "adversarial-robustness", "medical-imaging", "vision-language"],
         datasets=[name for name in (datasets or []) if not _is_local_path(name)] or None,
         pipeline_tag=None,
+        model_name=f"RAN adapter for {base_model}" if base_model else "RAN adapter",
+        eval_results=eval_results or None,
     )
     recipe = config.recipe_dict()
     recipe_rows = "\n".join(f"| `{name}` | `{json.dumps(value)}` |" for name, value in sorted(recipe.items()))
@@ -85,10 +255,23 @@ def model_card_text(
         "model = PeftModel.from_pretrained(base_model, adapter_repo_id)  # plain LoRA at inference",
         "```",
     ]
-    card = ModelCard.from_template(
+    return ModelCard.from_template(
         data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(sections) + "\n"
     )
-    return str(card)
+
+
+def model_card_text(
+    config: RANConfig,
+    *,
+    base_model: str | None,
+    metrics: Mapping[str, Any] | None = None,
+    datasets: list[str] | None = None,
+    task_type: str = "image-classification",
+) -> str:
+    """The adapter's `README.md`, as `model_card` builds it."""
+    return str(
+        model_card(config, base_model=base_model, metrics=metrics, datasets=datasets, task_type=task_type)
+    )
 
 
 def _target_modules(config: RANConfig) -> str:
@@ -99,7 +282,8 @@ def _target_modules(config: RANConfig) -> str:
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A markdown table from `ran_metrics.json`: one row per evaluated model (e.g. before/after, lora/ran)."""
+    """A markdown table from `ran_metrics.json` (one row per evaluated model, e.g. before/after, lora/ran) and the
+    sentence that says what the robust columns measure."""
     runs = metrics.get("runs", {"adapter": metrics})
     epsilons: list[str] = []
     for run in runs.values():
@@ -115,9 +299,9 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
         lines.append(
             f"| {name} | {'-' if clean is None else f'{100 * clean:.1f}'} | " + " | ".join(cells) + " |"
         )
-    attack = metrics.get("attack")
+    attack = _attack_of(metrics)
     if attack:
-        lines += ["", "Attack: " + ", ".join(f"{key}={value}" for key, value in attack.items()) + "."]
+        lines += ["", attack_sentence(attack, _adapter_run(metrics)[1].get("num_samples"))]
     return "\n".join(lines)
 
 
@@ -148,7 +332,13 @@ def save_adapter(
             (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True))
         base_model = getattr(config, "base_model_name_or_path", None)
         (staging / "README.md").write_text(
-            model_card_text(config, base_model=base_model, metrics=metrics, datasets=datasets)
+            model_card_text(
+                config,
+                base_model=base_model,
+                metrics=metrics,
+                datasets=datasets,
+                task_type=_task_type(model),
+            )
         )
         for name in ADAPTER_FILES:
             if not (staging / name).exists():
@@ -166,6 +356,16 @@ def save_adapter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _task_type(model: Any) -> str:
+    """The `model-index` task of the model's family (image classification unless it is a generative VLM)."""
+    from ran_peft.families import UnsupportedModelError, detect_family
+
+    try:
+        return TASK_TYPES.get(detect_family(model).name, "image-classification")
+    except (UnsupportedModelError, TypeError, ValueError):
+        return "image-classification"
 
 
 def _ran_config_of(model: Any) -> RANConfig:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ran_peft.families import DualEncoderFamily, FamilyOutput, unwrap_model
+from ran_peft.families import (
+    DualEncoderFamily,
+    FamilyDetector,
+    FamilyOutput,
+    register_family_detector,
+    unwrap_model,
+)
 from ran_peft.pixels import PixelBox
 
 # How a Hub id is written for open_clip (`open_clip.create_model_and_transforms("hf-hub:owner/name")`).
@@ -113,6 +119,16 @@ def unsupported_open_clip_reason(model: nn.Module) -> str | None:
             "(or `open_clip.set_model_preprocess_cfg(model, {...})`), so RAN knows its pixel normalisation."
         )
     return None
+
+
+def _detect_open_clip(
+    model: nn.Module, class_text_inputs: Mapping[str, torch.Tensor] | None
+) -> OpenCLIPFamily | None:
+    return OpenCLIPFamily(class_text_inputs) if is_open_clip_model(model) else None
+
+
+# `detect_family` asks this before reading the forward signature (an open_clip forward takes `image`, `text`).
+register_family_detector(FamilyDetector("open_clip", _detect_open_clip, unsupported_open_clip_reason))
 
 
 # How open_clip names a model to load: a Hub repo (`hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`)

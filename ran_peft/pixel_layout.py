@@ -16,6 +16,7 @@ from ran_peft.pixels import PixelBox
 
 # The names a user can state (RANConfig.pixel_layout, RANCallback(pixel_layout=...), evaluate_robustness(...)).
 PIXEL_LAYOUTS = ("auto", "channels_first", "patch_rows", "patch_sequence")
+"""The names `RANConfig.pixel_layout` accepts: `auto` recognises the layout from each batch."""
 
 _HOW_TO_STATE = (
     "State the layout with RANConfig(pixel_layout=...) or RANCallback(pixel_layout=...): 'channels_first' for "
@@ -81,6 +82,8 @@ class PixelLayout:
     name = "base"
 
     def place(self, pixel_values: torch.Tensor, inputs: Mapping[str, Any], channels: int) -> PixelPlacement:
+        """Where the channel axis and the padding of `pixel_values` are, given the batch's other `inputs` and the
+        normalisation's number of `channels`; a batch that does not fit this layout is a `PixelLayoutError`."""
         raise NotImplementedError
 
 
@@ -500,6 +503,7 @@ class BatchPixelBox:
 
     @property
     def real(self) -> torch.Tensor | None:
+        """The mask of real (non-padding) elements, broadcastable to the pixels; None when all are real."""
         return self.placement.real
 
     def kernel_arguments(self) -> dict[str, Any]:
@@ -517,6 +521,7 @@ class BatchPixelBox:
         return pixel_values.float() * self.std + self.mean
 
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels in the batch's layout to the model's normalised values."""
         return (pixels.float() - self.mean) / self.std
 
     def linf_in_pixels(self, delta: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,7 @@ class PixelBox:
 
     @property
     def channels(self) -> int:
+        """How many channels the mean/std describe (1 for a grey normalisation)."""
         return max(len(self.mean), len(self.std))
 
     def _vector(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,7 @@ class PixelBox:
         return vector.contiguous()
 
     def std_vector(self, like: torch.Tensor) -> torch.Tensor:
+        """The per-channel std as a tensor on `like`'s device, one value per channel of `like`."""
         return self._vector(self.std, like)
 
     def bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +114,7 @@ class PixelBox:
         return (0.0 - mean) / std, (1.0 - mean) / std
 
     def clamp(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised `(..., C, H, W)` values clipped into the valid box, per channel (dtype kept)."""
         lower, upper = self.bounds(pixel_values)
         shape = (-1, 1, 1)
         return torch.maximum(torch.minimum(pixel_values, upper.view(shape)), lower.view(shape)).to(
@@ -125,6 +128,7 @@ class PixelBox:
         return pixel_values.float() * std + mean
 
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels `(..., C, H, W)` to normalised values (the inverse of `to_pixels`)."""
         mean = self._vector(self.mean, pixels).view(-1, 1, 1)
         std = self._vector(self.std, pixels).view(-1, 1, 1)
         return (pixels.float() - mean) / std

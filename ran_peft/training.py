@@ -933,6 +933,7 @@ class RANTrainingWrapper:
         return means
 
     def remove(self) -> None:
+        """Give the model its own `forward` back (what `RANCallback` does when training ends)."""
         if isinstance(self.model.__dict__.get("forward"), _WrappedForward):
             del self.model.forward
 

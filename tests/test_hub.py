@@ -2,12 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
 import torch
 import yaml
-from huggingface_hub import constants
+from huggingface_hub import ModelCard, constants
 from peft import PeftModel, get_peft_model
 
 from ran_peft import RANConfig
@@ -52,7 +53,10 @@ def test_save_adapter_writes_everything_with_a_model_card(tmp_path, adapter_mode
     assert meta["library_name"] == "peft" and "ran-peft" in meta["tags"]
     assert "base_model" not in meta or meta["base_model"] is None  # a local path is never published
     assert "my-private-disk" not in card
-    assert "| after | 80.0 | 70.0 | 50.0 |" in card and "robust @ 4/255" in card and "steps=20" in card
+    assert "| after | 80.0 | 70.0 | 50.0 |" in card and "robust @ 4/255" in card
+    assert "PGD with 20 steps and 1 random restart on the task loss" in card and "name=" not in card
+    (result,) = meta["model-index"]
+    assert [metric["value"] for metric in result["results"][0]["metrics"]] == [80.0, 70.0, 50.0]
     assert "kl_weight" in card
     assert json.loads((folder / ran_hub.METRICS_NAME).read_text()) == METRICS
     assert not list(tmp_path.glob(".out.tmp-*"))
@@ -107,6 +111,14 @@ def test_push_uploads_a_complete_adapter_without_local_paths(tmp_path, adapter_m
     for content in files.values():
         assert b"hf_secret_token" not in content and b"my-private-disk" not in content
     assert files["adapter_model.safetensors"] == (folder / "adapter_model.safetensors").read_bytes()
+    # the card that reaches the Hub carries the robust accuracies where the Hub reads them
+    (result,) = _front_matter(files["README.md"].decode())["model-index"]
+    metrics = {metric["name"]: metric["value"] for metric in result["results"][0]["metrics"]}
+    assert metrics == {
+        "clean accuracy": 80.0,
+        "robust accuracy, L-inf 1/255, PGD-20, 1 restart": 70.0,
+        "robust accuracy, L-inf 4/255, PGD-20, 1 restart": 50.0,
+    }
 
 
 def test_failed_push_keeps_the_local_adapter_and_never_shows_the_token(tmp_path, adapter_model, monkeypatch):
@@ -153,3 +165,83 @@ def test_load_by_repo_id_offline_from_the_local_hub_cache(tmp_path, adapter_mode
     with torch.no_grad():
         assert torch.equal(stock(**case.batch).logits, expected)
         assert torch.equal(restored(**case.batch).logits, expected)
+
+
+COMMITTED_METRICS = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "finetune-default-ran_metrics.json"
+)
+
+
+def test_card_model_index_holds_the_robust_accuracies_of_ran_metrics_json():
+    metrics = json.loads(COMMITTED_METRICS.read_text())
+    config = RANConfig(r=8, target_modules=["q_proj", "v_proj"])
+    text = ran_hub.model_card_text(
+        config, base_model="openai/clip-vit-base-patch32", metrics=metrics, datasets=["synthetic"]
+    )
+    meta = _front_matter(text)
+    assert meta["base_model"] == "openai/clip-vit-base-patch32"
+    (entry,) = meta["model-index"]
+    (result,) = entry["results"]
+    assert result["task"]["type"] == "image-classification"
+    assert result["dataset"]["type"] == "synthetic"
+    ran = metrics["runs"]["ran"]
+    written = {metric["name"]: metric for metric in result["metrics"]}
+    assert written["clean accuracy"]["value"] == round(100 * ran["clean_accuracy"], 1) == 85.0
+    for budget, value in ran["robust_accuracy"].items():
+        metric = written[
+            f"robust accuracy, L-inf {budget}, AutoAttack-quick (APGD-CE, APGD-T, FAB-T, Square)"
+        ]
+        assert metric["type"] == "accuracy" and metric["value"] == round(100 * value, 1)
+        assert metric["args"] == {
+            "attack": "AutoAttack-quick",
+            "norm": "linf",
+            "epsilon": budget,
+            "pixel_units": "[0, 1]",
+            "num_samples": 300,
+        }
+    assert (
+        written["robust accuracy, L-inf 4/255, AutoAttack-quick (APGD-CE, APGD-T, FAB-T, Square)"]["value"]
+        == 19.3
+    )
+    # huggingface_hub reads the same results back
+    results = ModelCard(text).data.eval_results
+    assert len(results) == 1 + len(ran["robust_accuracy"])
+    # the attack in one sentence, no dump of the attack's fields
+    body = text.split("---\n", 2)[2]
+    (sentence,) = [line for line in body.splitlines() if line.startswith("Robust accuracy is")]
+    assert sentence.count(". ") == 0 and sentence.endswith(".")
+    assert (
+        "AutoAttack-quick" in sentence
+        and "300 held-out samples" in sentence
+        and "[0, 1] pixel units" in sentence
+    )
+    assert "description=" not in body and "version=" not in body
+
+
+@pytest.mark.parametrize(
+    ("base_model", "expected"),
+    [
+        ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
+        (
+            "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        ),
+        ("local-dir:/data/models/biomedclip", None),
+        ("/home/me/models/base", None),
+        ("./base", None),
+        (None, None),
+    ],
+)
+def test_card_base_model_is_set_for_a_hub_id_only(base_model, expected):
+    text = ran_hub.model_card_text(RANConfig(target_modules=["q_proj"]), base_model=base_model)
+    meta = _front_matter(text)
+    assert meta.get("base_model") == expected
+    assert "model-index" not in meta  # no metrics, no results
+
+
+def test_card_task_type_follows_the_model_family(tmp_path):
+    case = tm.llava()
+    model = get_peft_model(case.model, RANConfig(r=2, target_modules=case.target_modules))
+    folder = ran_hub.save_adapter(model, tmp_path / "llava", metrics=METRICS)
+    (result,) = _front_matter((folder / "README.md").read_text())["model-index"][0]["results"]
+    assert result["task"]["type"] == "image-text-to-text"

@@ -26,6 +26,7 @@ MEDICAL_TERM_GROUPS: dict[str, tuple[str, ...]] = {
     "severity": ("mild", "moderate", "severe"),
     "size_word": ("small", "large"),
 }
+"""Groups of interchangeable medical terms: `substitute_medical_terms` swaps a term for another of its group."""
 
 # Negation flips, phrase -> replacement (an empty replacement deletes the phrase). Longer phrases win over shorter
 # ones at the same place, so "there is no" is flipped as a whole rather than as a bare "no".
@@ -41,6 +42,7 @@ NEGATION_SWAPS: dict[str, str] = {
     "with": "without",
     "no": "",
 }
+"""Negation flips, phrase -> replacement (an empty replacement deletes the phrase), longest match first."""
 
 # "with" is not negated after these words: "consistent without" is not English.
 NEGATION_BLOCKED_AFTER: dict[str, tuple[str, ...]] = {

@@ -156,10 +156,12 @@ class SurrogateVLM:
 
     @property
     def device(self) -> torch.device:
+        """Where the surrogate model's weights are."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The surrogate model's weight dtype."""
         return next(self.model.parameters()).dtype
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,7 @@ class SurrogateVLM:
         return F.normalize(features.float(), dim=-1)
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions to the surrogate's `input_ids` and `attention_mask`, padded together, on its device."""
         captions = list(captions)
         try:
             from transformers import PreTrainedTokenizerBase
