@@ -46,7 +46,15 @@ from ran_peft.experiments import (
 )
 
 PEERS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
-LIGHT_WEIGHT = ("ran_every3", "ran_boundary25", "ran_free4", "ran_carry", "ran_features")
+LIGHT_WEIGHT = (
+    "ran_every3",
+    "ran_every3_kl3",
+    "ran_every3_strong",
+    "ran_boundary25",
+    "ran_free4",
+    "ran_carry",
+    "ran_features",
+)
 METHODS = PEERS + LIGHT_WEIGHT
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
@@ -683,7 +691,7 @@ JOB_ORDER = (
     "ran_carry",
     "ran_features",
 )
-JOB_ORDER += ("ran_every3", "ran_boundary25", "ran_free4")
+JOB_ORDER += ("ran_every3", "ran_every3_kl3", "ran_every3_strong", "ran_boundary25", "ran_free4")
 
 
 def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:

@@ -146,6 +146,10 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
     `RANConfig` on top of `config` (RAN's default):
 
     - `ran_every3`: the attack and the adversarial pass on every 3rd step only (`attack_every=3`);
+    - `ran_every3_kl3`: the same with the KL weight tripled, so that over three steps the rectification weighs what
+      it weighs in the default;
+    - `ran_every3_strong`: every 3rd step trains on the adversarial loss and the tripled KL alone
+      (`adversarial_weight=1`, `kl_weight=3`); the steps between are clean;
     - `ran_boundary25`: the attack and the adversarial terms on the quarter of each batch nearest the decision
       boundary (`adversarial_fraction=0.25`, BulletTrain-style);
     - `ran_free4`: Free adversarial training with 4 replays of each batch and the KL to the clean replay's cached
@@ -157,6 +161,10 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
     """
     return {
         "ran_every3": replace(config, attack_every=3),
+        "ran_every3_kl3": replace(config, attack_every=3, kl_weight=3 * config.kl_weight),
+        "ran_every3_strong": replace(
+            config, attack_every=3, kl_weight=3 * config.kl_weight, adversarial_weight=1.0
+        ),
         "ran_boundary25": replace(config, adversarial_fraction=0.25),
         "ran_free4": replace(config, free_replay=4),
         "ran_carry": replace(config, carry_perturbations=True),

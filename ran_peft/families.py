@@ -383,7 +383,10 @@ def detect_family(
             else "its forward takes no `pixel_values`, so there is no image to attack"
         )
         reasons = (detector.why_unsupported(base) for detector in _FAMILY_DETECTORS.values())
-        reason = next((reason for reason in reasons if reason), None) or f"{name} cannot be trained with RAN: {taken}."
+        reason = (
+            next((reason for reason in reasons if reason), None)
+            or f"{name} cannot be trained with RAN: {taken}."
+        )
         raise UnsupportedModelError(f"{reason} {SUPPORTED_FAMILIES}")
     if "return_loss" in parameters:
         return DualEncoderFamily(class_text_inputs)
