@@ -47,10 +47,12 @@ from ran_peft.experiments import (
 
 PEERS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
 LIGHT_WEIGHT = (
+    "ran_every2",
     "ran_every3",
     "ran_every3_kl3",
     "ran_every3_strong",
     "ran_boundary25",
+    "ran_free2",
     "ran_free4",
     "ran_carry",
     "ran_features",
@@ -691,7 +693,8 @@ JOB_ORDER = (
     "ran_carry",
     "ran_features",
 )
-JOB_ORDER += ("ran_every3", "ran_every3_kl3", "ran_every3_strong", "ran_boundary25", "ran_free4")
+JOB_ORDER += ("ran_every2", "ran_every3", "ran_every3_kl3", "ran_every3_strong", "ran_boundary25")
+JOB_ORDER += ("ran_free2", "ran_free4")
 
 
 def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:

@@ -145,27 +145,29 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
     """RAN recipes that cost less than two passes a step (or spend the second pass better), each a setting of
     `RANConfig` on top of `config` (RAN's default):
 
-    - `ran_every3`: the attack and the adversarial pass on every 3rd step only (`attack_every=3`);
+    - `ran_every2`, `ran_every3`: the attack and the adversarial pass on every 2nd (3rd) step only (`attack_every`);
     - `ran_every3_kl3`: the same with the KL weight tripled, so that over three steps the rectification weighs what
       it weighs in the default;
     - `ran_every3_strong`: every 3rd step trains on the adversarial loss and the tripled KL alone
       (`adversarial_weight=1`, `kl_weight=3`); the steps between are clean;
     - `ran_boundary25`: the attack and the adversarial terms on the quarter of each batch nearest the decision
       boundary (`adversarial_fraction=0.25`, BulletTrain-style);
-    - `ran_free4`: Free adversarial training with 4 replays of each batch and the KL to the clean replay's cached
-      predictions (`free_replay=4`), one forward/backward per step;
+    - `ran_free2`, `ran_free4`: Free adversarial training with 2 (4) replays of each batch and the KL to the clean
+      replay's cached predictions (`free_replay`), one forward/backward per step;
     - `ran_carry`: each sample's perturbation carried across epochs (`carry_perturbations=True`, ATTA-style);
     - `ran_features`: the attack and the adversarial pass through the image tower alone, the adversarial image
       features pulled to the pre-trained model's clean ones (`adversarial_pass='image_features'`, FARE-style),
       on top of the clean task loss.
     """
     return {
+        "ran_every2": replace(config, attack_every=2),
         "ran_every3": replace(config, attack_every=3),
         "ran_every3_kl3": replace(config, attack_every=3, kl_weight=3 * config.kl_weight),
         "ran_every3_strong": replace(
             config, attack_every=3, kl_weight=3 * config.kl_weight, adversarial_weight=1.0
         ),
         "ran_boundary25": replace(config, adversarial_fraction=0.25),
+        "ran_free2": replace(config, free_replay=2),
         "ran_free4": replace(config, free_replay=4),
         "ran_carry": replace(config, carry_perturbations=True),
         "ran_features": replace(
