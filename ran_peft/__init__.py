@@ -71,6 +71,7 @@ from ran_peft.pixel_layout import (
     resolve_pixel_layout,
 )
 from ran_peft.pixels import PixelBox
+from ran_peft.recipe_memory import RecipeMemory
 from ran_peft.representation import (
     image_features,
     linear_probe_accuracy,
@@ -133,6 +134,7 @@ __all__ = [
     "RANConfig",
     "RANOutput",
     "RANTrainingWrapper",
+    "RecipeMemory",
     "SurrogateVLM",
     "TextPerturbation",
     "UnattackedPixelsWarning",
