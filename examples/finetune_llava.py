@@ -139,9 +139,18 @@ class LlavaFinetuneArguments:
         default=2000, metadata={"help": "Training rows (synthetic: rows made; Hub: at most)."}
     )
     eval_size: int = field(
-        default=200, metadata={"help": "Rows evaluated before and after (clean and attacked)."}
+        default=100, metadata={"help": "Rows evaluated before and after (clean and attacked)."}
     )
-    eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the evaluation."})
+    eval_batch_size: int = field(
+        default=128,
+        metadata={
+            "help": "Batch size of the evaluation (rows are sorted by question: AutoAttack runs once per group of "
+            "rows that share a question in a batch)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory in training (for large models)."}
+    )
     eval_epsilons: str = field(
         default="1/255,2/255,4/255", metadata={"help": "Comma-separated attack budgets of the evaluation."}
     )
@@ -349,6 +358,7 @@ def run(args: LlavaFinetuneArguments) -> dict:
     if args.learning_rate is None:
         args.learning_rate = HUB_MODEL_LEARNING_RATE if args.model else DEFAULT_MODEL_LEARNING_RATE
     settings = experiment_settings(args, epsilons)
+    settings.extra_training_arguments["gradient_checkpointing"] = args.gradient_checkpointing
 
     def measure(model):
         return evaluate_generative_adapter(model, evaluation, collator, pixel_box, settings, answers=answers)

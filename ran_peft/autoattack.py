@@ -506,6 +506,38 @@ def evaluate_autoattack(
     return RobustnessReport(clean_right / total, robust_accuracy, attack_info, total, checks, generation)
 
 
+def closed_set_clean_accuracy(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    pixel_box: PixelBox,
+    answers: ClosedSetAnswers,
+    pixel_layout: str | PixelLayout = "auto",
+) -> dict[str, Any]:
+    """Clean accuracy of a generative VLM on closed-set questions, without an attack: the classifier view's (the
+    first answer token, as `evaluate_autoattack` scores it) and greedy `generate`'s (exact match of the whole
+    answer). JSON-ready: `clean_accuracy`, `generation["clean_accuracy"]`, `num_samples`."""
+    family = detect_family(model)
+    device = _model_device(model)
+    total = view_right = generated_right = 0
+    with _evaluation_mode(model):
+        for batch in batches:
+            inputs = _to_device(batch, device)
+            family.check_inputs(inputs)
+            for view in _classification_views(model, family, inputs, pixel_box, answers, pixel_layout):
+                with torch.no_grad():
+                    view_right += int(view.classifier(view.pixels).argmax(-1).eq(view.labels).sum())
+                generated_right += int(_greedy_right(view.classifier, view.pixels, view.answers).sum())
+                total += view.labels.numel()
+    if total == 0:
+        raise ValueError("no sample could be scored: the batches were empty or held no answer tokens.")
+    return {
+        "clean_accuracy": view_right / total,
+        "generation": {"clean_accuracy": generated_right / total},
+        "num_samples": total,
+    }
+
+
 def _greedy_right(
     classifier: GenerativeClassifierView, pixels: torch.Tensor, answers: list[list[int]]
 ) -> torch.Tensor:

@@ -32,7 +32,7 @@ def llava(tiny_generative_default):
     one answers every question alike)."""
     config = AutoConfig.from_pretrained(tiny_generative_default)
     for part in (config, config.text_config, config.vision_config):
-        part.initializer_range = 0.2
+        part.initializer_range = 0.5
     config.vision_config.initializer_factor = 2.0
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()

@@ -18,14 +18,15 @@ from ran_peft.data.synthetic import ANATOMIES, FINDINGS, MODALITIES, synthetic_m
 # The closed-set task (fine-tuning and evaluation)
 # --------------------------------------------------------------------------------------------------------------
 
-# Question templates per question type, as VQA-RAD's closed questions ask them: the organ, the modality, and yes/no
-# questions that name one (true half of the time). A few phrasings per type, so that the whole evaluation set holds
-# few distinct prompts (the AutoAttack view of a generative model attacks one prompt at a time).
+# Question templates per question type, as VQA-RAD's closed questions ask them: the organ, the modality, and a yes/no
+# question that names a modality (the true one half of the time). A few phrasings per type, so that the whole
+# evaluation set holds few distinct prompts (the AutoAttack view of a generative model attacks one prompt at a time).
+# A yes/no question naming an organ ("Does this image show the knee?") was tried and left out: LoRA fine-tuning of
+# the generative default stayed at chance on it (51-55 % after 150-300 steps), so it measured nothing.
 CLOSED_QUESTIONS: dict[str, tuple[str, ...]] = {
     "organ": ("Which organ is shown?", "What organ is this?"),
     "modality": ("What is the imaging modality?", "What modality is used?"),
     "is_modality": ("Is this {article} {modality} image?",),
-    "is_organ": ("Does this image show the {organ}?",),
 }
 # Every answer of the closed-set task; the first words are all different, so the first answer token names the answer.
 CLOSED_ANSWERS: tuple[str, ...] = ("yes", "no", *ANATOMIES, *MODALITIES)
@@ -41,8 +42,6 @@ def closed_question_texts() -> list[str]:
     texts = [*CLOSED_QUESTIONS["organ"], *CLOSED_QUESTIONS["modality"]]
     for template in CLOSED_QUESTIONS["is_modality"]:
         texts += [template.format(article=_article(m), modality=m) for m in MODALITIES]
-    for template in CLOSED_QUESTIONS["is_organ"]:
-        texts += [template.format(organ=organ) for organ in ANATOMIES]
     return texts
 
 
@@ -52,9 +51,8 @@ def synthetic_closed_vqa(
     """The closed-set medical VQA task on synthetic scans: `image`, `question`, `answer`, `question_type`.
 
     Question types come in equal shares, in a seeded order: `organ` ("Which organ is shown?" -> "liver"),
-    `modality` ("What is the imaging modality?" -> "MRI"), `is_modality` ("Is this a CT image?" -> "yes"/"no") and
-    `is_organ` ("Does this image show the knee?" -> "yes"/"no"); the yes/no questions name the true organ or
-    modality half of the time. Every answer is one of `CLOSED_ANSWERS`. The images are those of
+    `modality` ("What is the imaging modality?" -> "MRI") and `is_modality` ("Is this a CT image?" -> "yes"/"no",
+    naming the true modality half of the time). Every answer is one of `CLOSED_ANSWERS`. The images are those of
     `synthetic_medical_dataset(n, seed=seed, split_name=split_name, task="anatomy")` (organs balanced).
     """
     rows = synthetic_medical_dataset(
@@ -75,15 +73,9 @@ def synthetic_closed_vqa(
         elif kind == "modality":
             question, answer = template, modality[index]
         else:
-            names, truth = (
-                (MODALITIES, modality[index]) if kind == "is_modality" else (ANATOMIES, anatomy[index])
-            )
-            others = [name for name in names if name != truth]
-            asked = truth if truth_is_asked else others[int(rng.integers(len(others)))]
-            if kind == "is_modality":
-                question = template.format(article=_article(asked), modality=asked)
-            else:
-                question = template.format(organ=asked)
+            others = [name for name in MODALITIES if name != modality[index]]
+            asked = modality[index] if truth_is_asked else others[int(rng.integers(len(others)))]
+            question = template.format(article=_article(asked), modality=asked)
             answer = "yes" if truth_is_asked else "no"
         questions.append(question)
         answers.append(answer)
@@ -99,27 +91,40 @@ def synthetic_closed_vqa(
 # --------------------------------------------------------------------------------------------------------------
 
 DESCRIBE_QUESTION = "Describe the image."
-# Pre-training asks about organ and modality in other words than the task, and yes/no only about normality: the
-# pre-trained model knows the answers' vocabulary and format, and fine-tuning still has the task's questions to learn.
+# Pre-training asks about organ and modality in one of the task's phrasings and one of its own, and yes/no about
+# modality, organ and normality in its own words: the pre-trained model knows the answers and their format, and
+# fine-tuning still has the task's other phrasings and its own yes/no question to learn.
 INSTRUCTION_QUESTIONS: dict[str, tuple[str, ...]] = {
     "describe": (DESCRIBE_QUESTION,),
-    "organ": ("Name the organ in this scan.", "What part of the body is imaged?"),
-    "modality": ("Which imaging technique was used?", "Name the modality of this scan."),
+    "organ": ("Which organ is shown?", "Name the organ in this scan."),
+    "modality": ("What is the imaging modality?", "Which imaging technique was used?"),
     "finding": ("What is the main finding?",),
     "normal": ("Is this study normal?",),
+    "is_modality": ("Was this scan acquired with {modality}?",),
+    "is_organ": ("Is the {organ} visible in this scan?",),
 }
 
 
 def instruction_question_texts() -> list[str]:
     """Every question of the instruction data (for tokenizers built offline)."""
-    return [question for questions in INSTRUCTION_QUESTIONS.values() for question in questions]
+    texts = []
+    for questions in INSTRUCTION_QUESTIONS.values():
+        for question in questions:
+            if "{modality}" in question:
+                texts += [question.format(modality=name) for name in MODALITIES]
+            elif "{organ}" in question:
+                texts += [question.format(organ=name) for name in ANATOMIES]
+            else:
+                texts.append(question)
+    return texts
 
 
 def instruction_pairs(
     rows: datasets.Dataset, *, seed: int = 0, describe_only: bool = False
 ) -> list[tuple[str, str]]:
     """One (question, answer) pair per row of `synthetic_medical_dataset` rows: the alignment data
-    (`describe_only`: "Describe the image." -> the caption) or the instruction mix (every type in equal shares)."""
+    (`describe_only`: "Describe the image." -> the caption) or the instruction mix (every type in equal shares;
+    the yes/no modality question names the true modality half of the time)."""
     rng = np.random.default_rng([seed, 11, len(rows)])
     columns = {name: rows[name] for name in ("caption", "anatomy", "modality", "finding")}
     types = ["describe"] if describe_only else list(INSTRUCTION_QUESTIONS)
@@ -132,6 +137,12 @@ def instruction_pairs(
             answer = columns["caption"][index]
         elif name == "normal":
             answer = "yes" if columns["finding"][index] == FINDINGS[0] else "no"
+        elif name in ("is_modality", "is_organ"):
+            names, column = (MODALITIES, "modality") if name == "is_modality" else (ANATOMIES, "anatomy")
+            truth = columns[column][index]
+            others = [other for other in names if other != truth]
+            asked = truth if rng.integers(2) else others[int(rng.integers(len(others)))]
+            question, answer = question.format(**{name[3:]: asked}), "yes" if asked == truth else "no"
         else:
             answer = columns[{"organ": "anatomy"}.get(name, name)][index]
         pairs.append((question, answer))
