@@ -578,9 +578,10 @@ def evaluate_robust_accuracy(
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> RobustnessReport:
-    """The robust accuracy to report: AutoAttack (or AutoAttack-quick) for class predictions; for generative VLMs,
-    whose answers AutoAttack cannot score, PGD-100 with 3 restarts on the answer-token loss (PGD-50, 2 restarts,
-    when `quick`), labelled with what it is.
+    """The robust accuracy to report: AutoAttack (or AutoAttack-quick) for class predictions; for generative VLMs'
+    open questions, whose answers are no class AutoAttack can score, PGD-100 with 3 restarts on the answer-token loss
+    (PGD-50, 2 restarts, when `quick`), labelled with what it is. (Closed-set questions of a generative VLM:
+    `evaluate_autoattack(..., answers=...)`.)
     """
     family = detect_family(model, class_text_inputs)
     if isinstance(family, GenerativeFamily) or (

@@ -216,3 +216,20 @@ def test_open_answers_are_refused_by_autoattack_with_what_to_use(llava):
         )
     with pytest.raises(ValueError, match="needs `answers`"):
         evaluate_autoattack(model, loader, pixel_box=PixelBox.from_processor(processor), version=TINY)
+
+
+def test_open_questions_get_pgd_on_the_answer_loss_labelled_apart_from_the_closed_ones(llava):
+    from ran_peft.experiments import ExperimentSettings, evaluate_generative_adapter
+
+    model, processor = llava
+    rows = _rows(8)  # organ questions (open here: their answers are not yes/no) and yes/no ones (closed)
+    settings = ExperimentSettings(eval_attack="autoattack-quick", eval_epsilons=(4 / 255,), eval_batch_size=8)
+    record = evaluate_generative_adapter(
+        model, rows, VQACollator(processor), PixelBox.from_processor(processor), settings, answers=["yes", "no"]
+    )
+    assert record["closed_rows"] == 4 and record["open_rows"] == 4
+    assert record["attack"]["name"] == "AutoAttack-quick" and record["num_samples"] == 4
+    opened = record["open_questions"]
+    assert opened["num_samples"] == 4 and opened["attack"]["name"] == "PGD-50"
+    assert "restarts" in opened["attack"]["description"] and "generative task loss" in opened["attack"]["loss"]
+    assert opened["robust_accuracy"]["4/255"] <= opened["clean_accuracy"]
