@@ -5,6 +5,7 @@ generative VLMs, and the masking checks that come with them.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -13,6 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ran_peft.closed_set import (
+    ClosedSetAnswers,
+    expand_text_inputs,
+    greedy_answers_right,
+    group_by_prompt,
+)
 from ran_peft.evaluation import (
     Batch,
     GradientMaskingWarning,
@@ -30,7 +37,9 @@ from ran_peft.families import (
     GenerativeFamily,
     ModelFamily,
     detect_family,
+    unwrap_model,
 )
+from ran_peft.pixel_layout import BatchPixelBox, PixelLayout
 from ran_peft.pixels import PixelBox
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,27 +92,36 @@ class PixelSpaceClassifier(nn.Module):
     """A class-prediction model as torchattacks expects it: pixels `(N, C, H, W)` in [0, 1] -> class logits.
 
     The pixels are normalised for the model in `to_model_inputs` (the one place that knows the model's pixel layout
-    and normalisation; `to_pixels` is its inverse). Prompt-classifying dual encoders give the image-to-prompt
-    logits. The wrapper never changes the model's train/eval modes (torchattacks calls `eval()`/`train()` on it):
-    the evaluation sets them once with `attack_mode`, which keeps the flags some layers need.
+    and normalisation; `to_pixels` is its inverse); `pixel_box` is a `PixelBox`, or the `BatchPixelBox` the batch's
+    pixel layout placed. Prompt-classifying dual encoders give the image-to-prompt logits; generative VLMs are read
+    through `GenerativeClassifierView`. The wrapper never changes the model's train/eval modes (torchattacks calls
+    `eval()`/`train()` on it): the evaluation sets them once with `attack_mode`, which keeps the flags some layers
+    need.
     """
 
-    def __init__(self, model: nn.Module, family: ModelFamily, pixel_box: PixelBox, dtype: torch.dtype):
+    def __init__(
+        self, model: nn.Module, family: ModelFamily, pixel_box: PixelBox | BatchPixelBox, dtype: torch.dtype
+    ):
         super().__init__()
+        self._check_family(family)
+        self.model = model
+        self.family = family
+        self.pixel_box = pixel_box
+        self.dtype = dtype
+
+    def _check_family(self, family: ModelFamily) -> None:
         if isinstance(family, GenerativeFamily):
             raise ValueError(
-                "AutoAttack scores class predictions; a generative VLM's answers are token sequences. "
-                "Use evaluate_robust_accuracy, which runs PGD on the answer-token loss for them."
+                "AutoAttack scores class predictions; a generative VLM's answers are token sequences. For closed-set "
+                "questions pass `answers=ClosedSetAnswers.from_tokenizer(tokenizer, answers)` to evaluate_autoattack "
+                "(the answers' first-token logits become class logits); for open questions use "
+                "evaluate_robust_accuracy, which runs PGD on the answer-token loss."
             )
         if isinstance(family, DualEncoderFamily) and family.class_text_inputs is None:
             raise ValueError(
                 "AutoAttack on a dual encoder needs `class_text_inputs` (one tokenised prompt per class): without "
                 "them there are no class logits, only in-batch retrieval, which depends on the whole batch."
             )
-        self.model = model
-        self.family = family
-        self.pixel_box = pixel_box
-        self.dtype = dtype
 
     def to_model_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> the normalised `pixel_values` the model takes."""
@@ -123,6 +141,43 @@ class PixelSpaceClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> PixelSpaceClassifier:
         return self
+
+
+class GenerativeClassifierView(PixelSpaceClassifier):
+    """A generative VLM on one closed-set question as a classifier of its images: pixels `(N, C, H, W)` in [0, 1] ->
+    the class logits of `answers` (`ClosedSetAnswers.class_logits`) at the answer position.
+
+    `text_inputs` is the prompt (everything before the answer: `input_ids`, `attention_mask`, ...), one row, shared by
+    every image; torchattacks may call the view on any subset of the images, which is why the prompt must be shared.
+    In a causal model the logits at the prompt's last position are those of the first answer token whether or not
+    the answer follows, and they are what greedy generation's first step reads: the view's argmax is the class of
+    the first token `generate` picks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        answers: ClosedSetAnswers,
+        text_inputs: Mapping[str, torch.Tensor],
+        pixel_box: PixelBox | BatchPixelBox,
+        dtype: torch.dtype,
+    ):
+        super().__init__(model, GenerativeFamily(), pixel_box, dtype)
+        self.answers = answers
+        self.text_inputs = dict(text_inputs)
+        parameters = inspect.signature(unwrap_model(model).forward).parameters
+        # Only the answer position's logits are read: models that can skip the others' vocabulary projection do.
+        self.logits_to_keep = "logits_to_keep" in parameters
+
+    def _check_family(self, family: ModelFamily) -> None:
+        return None  # the answers make a generative model a classifier
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        inputs = expand_text_inputs(self.text_inputs, pixels.shape[0])
+        if self.logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        logits = self.model(**inputs, pixel_values=self.to_model_inputs(pixels)).logits
+        return self.answers.class_logits(logits[:, -1])
 
 
 def _autoattack_steps(settings: AutoAttackSettings, epsilon: float, classes: int, seed: int):
@@ -178,6 +233,7 @@ def autoattack_cascade(
     robust: torch.Tensor,
     epsilon: float,
     attacks: Sequence[tuple[str, Any]],
+    examples: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
     """Run `attacks` in turn, each on the samples still robust; a sample is robust if no attack fooled it.
 
@@ -185,6 +241,9 @@ def autoattack_cascade(
     projected on the budget and the pixel box and scored by a fresh forward pass, so a sample counts as fooled only
     by an input inside the threat model. Returns the final robust mask and, per attack, how many samples it fooled,
     how many stayed robust after it, and the largest L-inf perturbation it returned (pixel units, before the guard).
+    `examples` (pixels like `pixels`), when given, receives in place the adversarial image of each sample an attack
+    fooled (inside the budget); the others keep what they hold (torchattacks' attacks return the clean image for a
+    sample they did not fool).
     """
     robust = robust.clone()
     per_attack: dict[str, dict[str, float]] = {}
@@ -201,12 +260,77 @@ def autoattack_cascade(
                 fooled = classifier(adversarial).argmax(-1).ne(labels[rows])
             robust[rows[fooled]] = False
             fooled_count = int(fooled.sum())
+            if examples is not None:
+                examples[rows[fooled]] = adversarial[fooled].to(examples.dtype)
         per_attack[name] = {
             "fooled": fooled_count,
             "robust_after": int(robust.sum()),
             "max_perturbation": largest,
         }
     return robust, per_attack
+
+
+@dataclass
+class _ClassificationView:
+    """One attackable unit of a batch: a classifier over [0, 1] pixels, its samples and their labels."""
+
+    classifier: PixelSpaceClassifier
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    answers: list[list[int]] | None = None  # generative rows: the answer tokens, for scoring `generate`
+
+
+def _classification_views(
+    model: nn.Module,
+    family: ModelFamily,
+    inputs: Mapping[str, Any],
+    pixel_box: PixelBox,
+    answers: ClosedSetAnswers | None,
+    pixel_layout: str | PixelLayout,
+) -> list[_ClassificationView]:
+    """A batch as classifiers torchattacks can attack: the whole batch for class-prediction models, one view per
+    prompt group for a generative VLM on closed-set questions."""
+    dtype = inputs["pixel_values"].dtype
+    if not isinstance(family, GenerativeFamily):
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("AutoAttack needs `labels` (class indices) in every batch.")
+        classifier = PixelSpaceClassifier(model, family, pixel_box, dtype)
+        pixels = classifier.to_pixels(inputs["pixel_values"]).clamp(0.0, 1.0)
+        scored = labels.ne(-100)
+        return [_ClassificationView(classifier, pixels[scored], labels[scored])]
+    if answers is None:
+        raise ValueError(
+            "AutoAttack on a generative VLM needs `answers` (a ClosedSetAnswers: the closed-set answers whose "
+            "first-token logits are the class logits); open questions are scored with PGD on the answer-token loss "
+            "(evaluate_robust_accuracy)."
+        )
+    placed = BatchPixelBox.place(pixel_box, inputs, pixel_layout)
+    if (
+        placed.placement.layout != "channels_first"
+        or inputs["pixel_values"].dim() != 4
+        or placed.real is not None
+    ):
+        raise ValueError(
+            f"AutoAttack on a generative VLM takes one (C, H, W) image per sample without padding; this batch's "
+            f"pixels are {placed.placement.layout} of shape {tuple(inputs['pixel_values'].shape)}. Evaluate it with "
+            "PGD (evaluate_robustness), which follows every pixel layout."
+        )
+    views = []
+    for group in group_by_prompt(inputs):
+        first_tokens = torch.tensor([answer[0] for answer in group.answers], device=group.rows.device)
+        labels = answers.class_of_tokens(first_tokens)
+        outside = labels.eq(len(answers.answers)).nonzero().flatten().tolist()
+        if outside:
+            raise ValueError(
+                f"a row's answer begins with token {int(first_tokens[outside[0]])}, which begins none of the closed-set "
+                f"answers {list(answers.answers)}: AutoAttack scores closed-set questions only. Evaluate open questions "
+                "with PGD on the answer-token loss (evaluate_robust_accuracy), apart from the closed ones."
+            )
+        classifier = GenerativeClassifierView(model, answers, group.text_inputs, placed, dtype)
+        pixels = classifier.to_pixels(inputs["pixel_values"][group.rows]).clamp(0.0, 1.0)
+        views.append(_ClassificationView(classifier, pixels, labels, group.answers))
+    return views
 
 
 def evaluate_autoattack(
@@ -217,6 +341,9 @@ def evaluate_autoattack(
     epsilons: Sequence[float | str] = (1 / 255, 2 / 255, 4 / 255),
     version: str | AutoAttackSettings = "standard",
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
+    answers: ClosedSetAnswers | None = None,
+    score_generation: bool = True,
+    pixel_layout: str | PixelLayout = "auto",
     seed: int = 0,
     tolerance: float = 0.01,
     large_budget_tolerance: float = 0.05,
@@ -224,16 +351,22 @@ def evaluate_autoattack(
     """Clean accuracy and AutoAttack robust accuracy (per-sample worst case) of a class-prediction model.
 
     `version="standard"` runs AutoAttack's standard set (APGD-CE, APGD-T, FAB-T, Square, from torchattacks) at each
-    L-inf budget of `epsilons` ([0, 1] pixel units; `pixel_box` converts them); `version="quick"` the same attacks
-    with fewer iterations (reported as `AutoAttack-quick`). A sample is robust at a budget if it is right on the
-    clean input and no attack fooled it. `report.attack["per_attack"]` holds, per budget and attack, the accuracy
-    left after it. Classifiers and prompt-classifying dual encoders (`class_text_inputs`) only.
+    L-inf budget of `epsilons` ([0, 1] pixel units; `pixel_box`, placed over each batch by its pixel layout, converts
+    them); `version="quick"` the same attacks with fewer iterations (reported as `AutoAttack-quick`). A sample is
+    robust at a budget if it is right on the clean input and no attack fooled it. `report.attack["per_attack"]`
+    holds, per budget and attack, the accuracy left after it. Classifiers, prompt-classifying dual encoders
+    (`class_text_inputs`), and generative VLMs on closed-set questions (`answers`: the answers' first-token logits at
+    the answer position are the class logits, `GenerativeClassifierView`; rows are attacked in groups that share
+    their prompt). For generative VLMs with `score_generation`, greedy `generate` is also scored, clean and on the
+    worst adversarial image found for each sample at each budget (exact match of the whole answer):
+    `report.generation`.
 
     Budgets run from the smallest up, each on the samples the smaller one left (a sample fooled inside a small ball
     is fooled inside every larger one), so accuracy cannot rise with the budget. Gradient-masking checks (warned with
-    `GradientMaskingWarning`, recorded in `report.checks`): the black-box Square fools no more than `tolerance` of the samples the white-box attacks
-    left; APGD-CE at `settings.large_epsilon` (32/255) leaves at most `large_budget_tolerance` accurate. The random
-    state of the caller is restored afterwards (torchattacks seeds torch's global generator).
+    `GradientMaskingWarning`, recorded in `report.checks`): the black-box Square fools no more than `tolerance` of
+    the samples the white-box attacks left; APGD-CE at `settings.large_epsilon` (32/255) leaves at most
+    `large_budget_tolerance` accurate. The random state of the caller is restored afterwards (torchattacks seeds
+    torch's global generator).
     """
     if isinstance(version, AutoAttackSettings):
         settings = version
@@ -253,53 +386,65 @@ def evaluate_autoattack(
         raise ValueError("epsilons must hold at least one budget.")
     keys = sorted(values, key=values.get)
     family = detect_family(model, class_text_inputs)
+    generative = isinstance(family, GenerativeFamily)
     device = _model_device(model)
     total = clean_right = large_right = 0
     robust_right = dict.fromkeys(keys, 0)
+    generated_right = dict.fromkeys(["clean", *keys], 0)
     per_attack: dict[str, dict[str, dict[str, float]]] = {key: {} for key in keys}
     classes = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _evaluation_mode(model):
         for batch in batches:
             inputs = _to_device(batch, device)
             family.check_inputs(inputs)
-            labels = inputs.get("labels")
-            if labels is None:
-                raise ValueError("AutoAttack needs `labels` (class indices) in every batch.")
-            classifier = PixelSpaceClassifier(model, family, pixel_box, inputs["pixel_values"].dtype)
-            pixels = classifier.to_pixels(inputs["pixel_values"]).clamp(0.0, 1.0)
-            scored = labels.ne(-100)
-            pixels, labels = pixels[scored], labels[scored]
-            if labels.numel() == 0:
-                continue
-            with torch.no_grad():
-                logits = classifier(pixels)
-            classes = logits.shape[-1]
-            if classes < 4:
-                raise ValueError(
-                    f"AutoAttack's targeted attacks need at least 4 classes (their DLR loss reads the 4th logit); "
-                    f"this model has {classes}. Use evaluate_robustness (PGD) instead."
-                )
-            clean = logits.argmax(-1).eq(labels)
-            total += labels.numel()
-            clean_right += int(clean.sum())
-            # Budgets from the smallest up: a sample fooled at a smaller budget is fooled at every larger one (its
-            # adversarial example lies inside the larger ball too), so only the survivors are attacked again.
-            robust = clean
-            for key in keys:
-                attacks = _autoattack_steps(settings, values[key], classes, seed)
-                robust, counts = autoattack_cascade(classifier, pixels, labels, robust, values[key], attacks)
-                robust_right[key] += int(robust.sum())
-                for name, numbers in counts.items():
-                    entry = per_attack[key].setdefault(
-                        name, {"fooled": 0, "robust_after": 0, "max_perturbation": 0.0}
+            for view in _classification_views(model, family, inputs, pixel_box, answers, pixel_layout):
+                classifier, pixels, labels = view.classifier, view.pixels, view.labels
+                if labels.numel() == 0:
+                    continue
+                with torch.no_grad():
+                    logits = classifier(pixels)
+                classes = logits.shape[-1]
+                if classes < 4:
+                    raise ValueError(
+                        f"AutoAttack's targeted attacks need at least 4 classes (their DLR loss reads the 4th "
+                        f"logit); this model has {classes}. Use evaluate_robustness (PGD) instead."
                     )
-                    entry["fooled"] += numbers["fooled"]
-                    entry["robust_after"] += numbers["robust_after"]
-                    entry["max_perturbation"] = max(entry["max_perturbation"], numbers["max_perturbation"])
-            large_settings = replace(settings, apgd_steps=settings.large_steps)
-            large = _autoattack_steps(large_settings, settings.large_epsilon, classes, seed)[:1]
-            survived, _ = autoattack_cascade(classifier, pixels, labels, clean, settings.large_epsilon, large)
-            large_right += int(survived.sum())
+                clean = logits.argmax(-1).eq(labels)
+                total += labels.numel()
+                clean_right += int(clean.sum())
+                scoring = generative and score_generation
+                if scoring:
+                    generated_clean = _greedy_right(classifier, pixels, view.answers)
+                    generated_right["clean"] += int(generated_clean.sum())
+                # Budgets from the smallest up: a sample fooled at a smaller budget is fooled at every larger one
+                # (its adversarial example lies inside the larger ball too), so only the survivors are attacked again.
+                robust = clean
+                examples = pixels.clone()
+                for key in keys:
+                    attacks = _autoattack_steps(settings, values[key], classes, seed)
+                    robust, counts = autoattack_cascade(
+                        classifier, pixels, labels, robust, values[key], attacks, examples
+                    )
+                    robust_right[key] += int(robust.sum())
+                    if scoring:
+                        # a sample wrong on the clean image is wrong at every budget: its clean image is in the ball
+                        generated = _greedy_right(classifier, examples, view.answers) & generated_clean
+                        generated_right[key] += int(generated.sum())
+                    for name, numbers in counts.items():
+                        entry = per_attack[key].setdefault(
+                            name, {"fooled": 0, "robust_after": 0, "max_perturbation": 0.0}
+                        )
+                        entry["fooled"] += numbers["fooled"]
+                        entry["robust_after"] += numbers["robust_after"]
+                        entry["max_perturbation"] = max(
+                            entry["max_perturbation"], numbers["max_perturbation"]
+                        )
+                large_settings = replace(settings, apgd_steps=settings.large_steps)
+                large = _autoattack_steps(large_settings, settings.large_epsilon, classes, seed)[:1]
+                survived, _ = autoattack_cascade(
+                    classifier, pixels, labels, clean, settings.large_epsilon, large
+                )
+                large_right += int(survived.sum())
     if total == 0:
         raise ValueError("no sample could be scored: the batches were empty or every label was -100.")
 
@@ -327,9 +472,15 @@ def evaluate_autoattack(
     }
     _warn_failed_checks(checks)
     _warn_autoattack_checks(checks)
+    description = settings.describe(classes)
+    if generative:
+        description += (
+            f"; generative VLM read as a classifier over {len(answers.answers)} closed-set answers (their first "
+            f"tokens' logits at the answer position) and {answers.other_classes} strongest other token(s)"
+        )
     attack_info = {
         "name": settings.name,
-        "description": settings.describe(classes),
+        "description": description,
         "version": settings.version,
         "attacks": [name for name, _ in _autoattack_steps(settings, 1.0, classes or 10, seed)],
         "norm": "linf",
@@ -342,7 +493,59 @@ def evaluate_autoattack(
             for key in keys
         },
     }
-    return RobustnessReport(clean_right / total, robust_accuracy, attack_info, total, checks)
+    generation = None
+    if generative and score_generation:
+        generation = {
+            "description": (
+                "greedy generate, exact match of the whole answer (EOS included), on the clean images and on the "
+                f"worst adversarial image {settings.name} found for each sample at each budget"
+            ),
+            "clean_accuracy": generated_right["clean"] / total,
+            "robust_accuracy": {key: generated_right[key] / total for key in keys},
+        }
+    return RobustnessReport(clean_right / total, robust_accuracy, attack_info, total, checks, generation)
+
+
+def closed_set_clean_accuracy(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    pixel_box: PixelBox,
+    answers: ClosedSetAnswers,
+    pixel_layout: str | PixelLayout = "auto",
+) -> dict[str, Any]:
+    """Clean accuracy of a generative VLM on closed-set questions, without an attack: the classifier view's (the
+    first answer token, as `evaluate_autoattack` scores it) and greedy `generate`'s (exact match of the whole
+    answer). JSON-ready: `clean_accuracy`, `generation["clean_accuracy"]`, `num_samples`."""
+    family = detect_family(model)
+    device = _model_device(model)
+    total = view_right = generated_right = 0
+    with _evaluation_mode(model):
+        for batch in batches:
+            inputs = _to_device(batch, device)
+            family.check_inputs(inputs)
+            for view in _classification_views(model, family, inputs, pixel_box, answers, pixel_layout):
+                with torch.no_grad():
+                    view_right += int(view.classifier(view.pixels).argmax(-1).eq(view.labels).sum())
+                generated_right += int(_greedy_right(view.classifier, view.pixels, view.answers).sum())
+                total += view.labels.numel()
+    if total == 0:
+        raise ValueError("no sample could be scored: the batches were empty or held no answer tokens.")
+    return {
+        "clean_accuracy": view_right / total,
+        "generation": {"clean_accuracy": generated_right / total},
+        "num_samples": total,
+    }
+
+
+def _greedy_right(
+    classifier: GenerativeClassifierView, pixels: torch.Tensor, answers: list[list[int]]
+) -> torch.Tensor:
+    """Which greedy answers generated from `pixels` ([0, 1]) with the view's prompt are right (bool `[N]`)."""
+    right = greedy_answers_right(
+        classifier.model, classifier.text_inputs, classifier.to_model_inputs(pixels), answers
+    )
+    return right.to(pixels.device)
 
 
 def _warn_autoattack_checks(checks: Mapping[str, Mapping[str, Any]]) -> None:
@@ -375,9 +578,10 @@ def evaluate_robust_accuracy(
     class_text_inputs: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> RobustnessReport:
-    """The robust accuracy to report: AutoAttack (or AutoAttack-quick) for class predictions; for generative VLMs,
-    whose answers AutoAttack cannot score, PGD-100 with 3 restarts on the answer-token loss (PGD-50, 2 restarts,
-    when `quick`), labelled with what it is.
+    """The robust accuracy to report: AutoAttack (or AutoAttack-quick) for class predictions; for generative VLMs'
+    open questions, whose answers are no class AutoAttack can score, PGD-100 with 3 restarts on the answer-token loss
+    (PGD-50, 2 restarts, when `quick`), labelled with what it is. (Closed-set questions of a generative VLM:
+    `evaluate_autoattack(..., answers=...)`.)
     """
     family = detect_family(model, class_text_inputs)
     if isinstance(family, GenerativeFamily) or (

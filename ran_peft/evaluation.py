@@ -97,6 +97,9 @@ class RobustnessReport:
     """Samples scored (generative samples without answer tokens and classifier labels of -100 are not)."""
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Gradient-masking checks by name: `passed` (True / False / None when skipped) and the numbers behind it."""
+    generation: dict[str, Any] | None = None
+    """Generative VLMs under AutoAttack: the greedy `generate` answers scored on the clean images and on the
+    adversarial images found (`clean_accuracy`, `robust_accuracy` per budget, `description`); None otherwise."""
 
     @property
     def passed_checks(self) -> bool:
@@ -112,6 +115,7 @@ class RobustnessReport:
             "num_samples": int(self.num_samples),
             "checks": copy.deepcopy(self.checks),
             "passed_checks": self.passed_checks,
+            **({"generation": copy.deepcopy(self.generation)} if self.generation is not None else {}),
         }
 
     def markdown_table(self) -> str:

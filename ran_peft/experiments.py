@@ -285,3 +285,151 @@ def evaluate_adapter(
         check_steps=check_steps,
     )
     return report.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generative VLMs: fine-tuning through TRL's SFTTrainer (where users fine-tune them) and closed-set evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_generative_adapter(
+    model: torch.nn.Module,
+    config: RANConfig,
+    train_rows: Any,
+    processor: Any,
+    settings: ExperimentSettings,
+    work_dir: str | Path,
+    *,
+    callbacks: Sequence[Any] = (),
+):
+    """RAN (or a peer's recipe) fine-tuning of a generative VLM with TRL's `SFTTrainer`: `peft_config=config` and
+    `callbacks=[RANCallback()]` are all that differs from LoRA fine-tuning. `train_rows` hold `image`, `question`
+    and `answer`; the loss is on the answer (and the chat template's end of turn). Needs `ran-peft[trl]`.
+
+    Returns `(trainer, peft_model, train_seconds)`.
+    """
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from ran_peft.data.vqa import sft_conversations
+
+    on_gpu = torch.cuda.is_available()
+    # SFTConfig turns gradient checkpointing on by default; it trades compute for memory, which only large models
+    # need (pass `gradient_checkpointing=True` in `extra_training_arguments` for them). Off, the time ratios measure
+    # the recipes, not the recomputation.
+    extra = {"gradient_checkpointing": False, **settings.extra_training_arguments}
+    arguments = SFTConfig(
+        output_dir=str(work_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, settings.max_steps // 10),
+        logging_steps=settings.logging_steps or max(1, settings.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu
+        and torch.cuda.is_bf16_supported(),  # SFTConfig's default (bf16) fails on a CPU without it
+        max_length=None,  # never cut the image tokens
+        disable_tqdm=not settings.progress,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    # SFTTrainer draws the adapter's initial weights before the Trainer seeds anything: seed them here, so that one
+    # seed gives one adapter whatever ran before.
+    set_seed(settings.seed)
+    trainer = SFTTrainer(
+        model,
+        args=arguments,
+        train_dataset=sft_conversations(train_rows),
+        processing_class=processor,
+        peft_config=config,
+        callbacks=[RANCallback(), *callbacks],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, trainer.model, time.perf_counter() - start
+
+
+def split_closed_questions(rows: Any, answers: Sequence[str]) -> tuple[Any, Any]:
+    """`(closed, open)` rows: closed where the answer is one of `answers` (case and surrounding spaces aside; the
+    answer is rewritten as `answers` spells it), open otherwise. Closed rows are sorted by question, so that batches
+    hold whole groups of rows that share a prompt (what the AutoAttack view attacks together)."""
+    spelling = {answer.strip().lower(): answer for answer in answers}
+    keys = [str(answer).strip().lower() for answer in rows["answer"]]
+    questions = rows["question"]
+    closed_index = sorted(
+        (index for index, key in enumerate(keys) if key in spelling), key=questions.__getitem__
+    )
+    open_index = [index for index, key in enumerate(keys) if key not in spelling]
+    closed = rows.select(closed_index)
+    closed = closed.map(lambda row: {"answer": spelling[str(row["answer"]).strip().lower()]})
+    return closed, rows.select(open_index)
+
+
+def evaluate_generative_adapter(
+    model: torch.nn.Module,
+    eval_rows: Any,
+    collator: Any,
+    pixel_box: PixelBox,
+    settings: ExperimentSettings,
+    *,
+    answers: Sequence[str],
+) -> dict[str, Any]:
+    """Clean and robust accuracy of a generative VLM's answers, JSON-ready.
+
+    Closed-set questions (answer in `answers`) are the headline: AutoAttack (or AutoAttack-quick) on the answers'
+    first-token logits, each sample's worst case, and the greedy `generate` answer scored on the adversarial images
+    found (`generation`). Open questions (any other answer) get PGD-100 with 3 restarts on the answer-token loss
+    (PGD-50 with 2 restarts for `autoattack-quick`), teacher-forced exact match, under `open_questions`, labelled as
+    such; they are the headline only when there is no closed question. `eval_attack="pgd"` scores every row with the
+    project's PGD (the training tool).
+    """
+    from ran_peft.closed_set import ClosedSetAnswers
+
+    if settings.eval_attack not in EVAL_ATTACKS:
+        raise ValueError(
+            f"ExperimentSettings.eval_attack={settings.eval_attack!r} is not allowed: one of {EVAL_ATTACKS}."
+        )
+    if settings.eval_attack == "pgd":
+        return evaluate_adapter(model, eval_rows, collator, pixel_box, settings)
+    closed, open_rows = split_closed_questions(eval_rows, answers)
+    quick = settings.eval_attack == "autoattack-quick"
+    record: dict[str, Any] = {}
+    if len(closed):
+        from ran_peft.autoattack import evaluate_autoattack
+
+        loader = torch.utils.data.DataLoader(closed, batch_size=settings.eval_batch_size, collate_fn=collator)
+        report = evaluate_autoattack(
+            model,
+            loader,
+            pixel_box=pixel_box,
+            epsilons=settings.eval_epsilons,
+            version="quick" if quick else "standard",
+            answers=ClosedSetAnswers.from_tokenizer(collator.tokenizer, answers),
+            seed=settings.seed,
+        )
+        record = report.to_dict()
+    if len(open_rows):
+        loader = torch.utils.data.DataLoader(
+            open_rows, batch_size=settings.eval_batch_size, collate_fn=collator
+        )
+        report = evaluate_robust_accuracy(
+            model,
+            loader,
+            pixel_box=pixel_box,
+            epsilons=settings.eval_epsilons,
+            quick=quick,
+            seed=settings.seed,
+        ).to_dict()
+        report["attack"]["name"] = report["attack"]["description"].split(",")[0]
+        if record:
+            record["open_questions"] = report
+        else:
+            record = report
+    record["closed_rows"] = len(closed)
+    record["open_rows"] = len(open_rows)
+    return record

@@ -282,27 +282,42 @@ def _target_modules(config: RANConfig) -> str:
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A markdown table from `ran_metrics.json` (one row per evaluated model, e.g. before/after, lora/ran) and the
-    sentence that says what the robust columns measure."""
+    """Markdown tables from `ran_metrics.json`: one row per evaluated model (e.g. before/after, lora/ran) and the
+    sentence that says what the robust columns measure; for generative VLMs also the greedy generated answers on the
+    same adversarial images, and the open questions."""
     runs = metrics.get("runs", {"adapter": metrics})
+    lines = _accuracy_table(runs, lambda run: run)
+    attack = _attack_of(metrics)
+    if attack:
+        lines += ["", attack_sentence(attack, _adapter_run(metrics)[1].get("num_samples"))]
+    if any("generation" in run for run in runs.values()):
+        description = next(run["generation"]["description"] for run in runs.values() if "generation" in run)
+        lines += ["", f"Generated answers ({description}):", ""]
+        lines += _accuracy_table(runs, lambda run: run.get("generation"))
+    if any("open_questions" in run for run in runs.values()):
+        opened = next(run["open_questions"] for run in runs.values() if "open_questions" in run)
+        lines += ["", f"Open questions ({opened['attack'].get('description', '')}):", ""]
+        lines += _accuracy_table(runs, lambda run: run.get("open_questions"))
+    return "\n".join(lines)
+
+
+def _accuracy_table(runs: Mapping[str, Any], pick) -> list[str]:
+    chosen = {name: pick(run) for name, run in runs.items() if pick(run) is not None}
     epsilons: list[str] = []
-    for run in runs.values():
+    for run in chosen.values():
         for key in run.get("robust_accuracy", {}):
             if key not in epsilons:
                 epsilons.append(key)
     header = "| model | clean | " + " | ".join(f"robust @ {key}" for key in epsilons) + " |"
     lines = [header, "|" + " --- |" * (2 + len(epsilons))]
-    for name, run in runs.items():
+    for name, run in chosen.items():
         robust = run.get("robust_accuracy", {})
         cells = [f"{100 * robust[key]:.1f}" if key in robust else "-" for key in epsilons]
         clean = run.get("clean_accuracy")
         lines.append(
             f"| {name} | {'-' if clean is None else f'{100 * clean:.1f}'} | " + " | ".join(cells) + " |"
         )
-    attack = _attack_of(metrics)
-    if attack:
-        lines += ["", attack_sentence(attack, _adapter_run(metrics)[1].get("num_samples"))]
-    return "\n".join(lines)
+    return lines
 
 
 def save_adapter(

@@ -175,7 +175,7 @@ def save_built_model(folder: str | os.PathLike, model, processor, build_info: di
 
 # Tiny random models of real architectures, for the examples' `--tiny` runs (same code path as a real model).
 TINY_CLIP_NAME = "tiny-random-clip-v1"
-TINY_LLAVA_NAME = "tiny-random-llava-v1"
+TINY_LLAVA_NAME = "tiny-random-llava-v2"  # v2: covers the closed-set questions
 
 
 def build_tiny_clip() -> Path:

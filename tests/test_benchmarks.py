@@ -231,3 +231,66 @@ def test_task_difficulty_reports_chance_zero_shot_and_probe_for_every_task(tmp_p
         for key in ("zero_shot_acc", "linear_probe_acc"):
             assert 0 <= row[key] <= 1 and round(10 * row[key], 6) == round(10 * row[key])
     assert "| anatomy | 5 |" in out.with_suffix(".md").read_text()
+
+
+# ~40 s on a busy 2-core machine
+@pytest.mark.slow
+def test_vqa_robustness_writes_json_table_plot_and_the_readme_section(tmp_path, tiny_generative_default):
+    benchmark = _load("vqa_robustness")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# title\n\nbefore\n\n{benchmark.README_START}\nold text\n{benchmark.README_END}\n\nafter\n"
+    )
+    out = tmp_path / "results" / "vqa.json"
+    arguments = [
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_generative_default),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
+    arguments += ["--train-size", "8", "--eval-size", "6", "--methods", "before,lora,ran", "--seeds", "3"]
+    results = benchmark.main([*arguments, "--no-progress", "--readme", str(readme)])
+    saved = json.loads(out.read_text())
+    assert saved["runs"].keys() == {"before", "lora", "ran"} and saved["seeds"] == [3]
+    assert set(saved["recipes"]) == {"lora", "ran"} and saved["recipes"]["lora"]["epsilon"] == 0
+    for name in ("lora", "ran"):
+        run = saved["runs"][name]["3"]
+        assert set(run["robust_acc"]) == set(run["generate_robust_acc"]) == EPSILONS
+        assert run["attack"]["name"] == "AutoAttack-quick" and run["eval_samples"] == 6
+        assert all(0 <= value <= run["clean_acc"] + 1e-9 for value in run["robust_acc"].values())
+        assert run["train_seconds"] > 0 and run["loss_log"]
+    assert saved["runs"]["ran"]["3"]["train_time_ratio_to_lora"] > 0
+    assert 0.3 < saved["chance_accuracy"] < 0.4  # (1/5 + 1/4 + 1/2) / 3 on balanced question types
+    assert set(saved["goals"]) == {"robust_gain_over_lora", "clean_gap_to_lora"}
+    assert results["summary"]["ran"]["clean_acc"]["n"] == 1
+    table = (tmp_path / "results" / "vqa.md").read_text()
+    assert "AutoAttack-quick" in table and "| before fine-tuning |" in table and "| ran |" in table
+    assert (tmp_path / "results" / "vqa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert (
+        "old text" not in text and text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    )
+    assert "| ran |" in text and "Goals for RAN met" in text and "results/vqa.png" in text
+    # the section is generated from the JSON alone: --merge of the same file rewrites it identically
+    benchmark.main(["--out", str(tmp_path / "merged.json"), "--merge", str(out)])
+    assert benchmark.markdown(json.loads((tmp_path / "merged.json").read_text())) == benchmark.markdown(saved)
+
+
+def test_vqa_robustness_methods_are_a_table_of_ran_configs():
+    benchmark = _load("vqa_robustness")
+    from ran_peft import PixelBox, RANConfig
+
+    configs = benchmark.method_configs(benchmark.base_config(PixelBox()))
+    assert list(configs) == list(benchmark.METHODS) == ["lora", "fgsm_rs", "tecoa", "ran"]
+    assert all(isinstance(config, RANConfig) for config in configs.values())
+    assert configs["ran"].recipe_dict() == {
+        **RANConfig().recipe_dict(),
+        "image_mean": [0.0],
+        "image_std": [1.0],
+    }
+    units = benchmark.job_units([1, 2], ["ran", "before", "lora"])
+    assert units == [("lora", 1), ("before", 1), ("ran", 1), ("lora", 2), ("ran", 2)]

@@ -4,6 +4,7 @@ outputs that stock PEFT loads, and one-line errors that leave nothing behind."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,16 +38,24 @@ def _start(script: str, args: list[str], tmp_path: Path) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def example_runs(tmp_path_factory):
-    """Both examples in --tiny mode, run at the same time (most of each run is importing): name -> (result, out)."""
+def example_runs(tmp_path_factory, tiny_generative_default):
+    """Both examples run at the same time (most of each run is importing): name -> (result, out). The LLaVA one runs
+    with no model argument, on the generative default's build at a tiny size placed in its cache."""
+    from ran_peft.pretrain_llava import DEFAULT_LLAVA_NAME
+
     started = {}
     for name, script, sizes in (
-        ("llava", "finetune_llava.py", ["--train-size", "8", "--eval-size", "4", "--batch-size", "4"]),
-        ("four_bit", "finetune_4bit.py", ["--train-size", "16", "--eval-size", "8", "--batch-size", "8"]),
+        ("llava", "finetune_llava.py", ["--train-size", "8", "--eval-size", "6", "--batch-size", "4"]),
+        (
+            "four_bit",
+            "finetune_4bit.py",
+            ["--tiny", "--train-size", "16", "--eval-size", "8", "--batch-size", "8"],
+        ),
     ):
         tmp_path = tmp_path_factory.mktemp(name)
+        shutil.copytree(tiny_generative_default, tmp_path / "cache" / DEFAULT_LLAVA_NAME)
         out = tmp_path / "out"
-        process = _start(script, ["--tiny", *sizes, *QUICK, "--output-dir", str(out)], tmp_path)
+        process = _start(script, [*sizes, *QUICK, "--output-dir", str(out)], tmp_path)
         started[name] = (process, out)
     runs = {}
     for name, (process, out) in started.items():
@@ -55,17 +64,38 @@ def example_runs(tmp_path_factory):
     return runs
 
 
-def test_llava_tiny_trains_on_answers_and_writes_an_adapter(example_runs):
+def test_llava_default_trains_on_answers_and_reports_autoattack_on_the_card(example_runs):
     result, out = example_runs["llava"]
     assert result.returncode == 0, result.stderr[-4000:]
     assert {p.name for p in out.iterdir()} >= ADAPTER_FILES
     metrics = json.loads((out / "ran_metrics.json").read_text())
     assert set(metrics["runs"]) == {"before", "ran"}
+    assert metrics["base_model"] == "generative-default (offline)"
     for run in metrics["runs"].values():
-        assert run["num_samples"] == 4 and set(run["robust_accuracy"]) == {"4/255"}
-    assert metrics["attack"]["loss"] == "generative task loss"
+        assert (
+            run["num_samples"] == 6 and run["closed_rows"] == 6 and set(run["robust_accuracy"]) == {"4/255"}
+        )
+        assert set(run["generation"]["robust_accuracy"]) == {"4/255"}
+    assert metrics["attack"]["name"] == "AutoAttack-quick" and "APGD-T" in metrics["attack"]["description"]
     assert "ran/kl" in metrics["train_log"][-1]
-    assert "answer accuracy" in result.stdout
+    # the printed table, the card and ran_metrics.json carry the same figures, with the attack named
+    card = (out / "README.md").read_text()
+    assert "AutoAttack-quick" in result.stdout and "AutoAttack-quick" in card
+    for name, run in metrics["runs"].items():
+        figures = [run["clean_accuracy"], run["robust_accuracy"]["4/255"]]
+        printed = f"{name:<8} " + f"{100 * figures[0]:7.1f} {100 * figures[1]:8.1f}"
+        assert printed in result.stdout
+        assert f"| {name} | {100 * figures[0]:.1f} | {100 * figures[1]:.1f} |" in card
+        generated = run["generation"]
+        row = f"| {name} | {100 * generated['clean_accuracy']:.1f} | {100 * generated['robust_accuracy']['4/255']:.1f} |"
+        assert row in card.split("Generated answers")[1]
+
+
+def test_llava_tiny_still_builds_a_random_smoke_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAN_PEFT_CACHE", str(tmp_path))
+    args = _example("finetune_llava").LlavaFinetuneArguments(tiny=True)
+    folder = Path(_example("finetune_llava").base_model_source(args))
+    assert folder.parent == tmp_path and (folder / "model.safetensors").is_file()
 
 
 def test_four_bit_tiny_clip_trains_reports_memory_and_writes_an_adapter(example_runs):
@@ -114,7 +144,12 @@ def _example(name: str):
     "script, args, message",
     [
         ("finetune_llava", ["--tiny", "--epsilon", "2"], "RANConfig.epsilon=2.0 is not allowed"),
-        ("finetune_llava", [], "pass exactly one of --model"),
+        (
+            "finetune_llava",
+            ["--tiny", "--model", "owner/name"],
+            "at most one of --model (a Hub id or folder) and --tiny",
+        ),
+        ("finetune_llava", ["--tiny", "--closed-answers", "yes,Yes"], "--closed-answers='yes,Yes'"),
         ("finetune_llava", ["--model", "/no/such/model/folder"], "--model='/no/such/model/folder'"),
         ("finetune_llava", ["--tiny", "--max-answer-tokens", "0"], "--max-answer-tokens=0"),
         ("finetune_llava", ["--tiny", "--eval-epsilons", "4/0"], "--eval-epsilons='4/0'"),
