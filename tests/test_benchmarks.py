@@ -285,8 +285,13 @@ def test_vqa_robustness_methods_are_a_table_of_ran_configs():
     from ran_peft import PixelBox, RANConfig
 
     configs = benchmark.method_configs(benchmark.base_config(PixelBox()))
-    assert list(configs) == list(benchmark.METHODS) == ["lora", "fgsm_rs", "tecoa", "ran"]
+    assert list(configs) == list(benchmark.METHODS)
+    assert list(configs) == ["lora", "fgsm_rs", "tecoa", "ran", "ran_features", "ran_every3"]
     assert all(isinstance(config, RANConfig) for config in configs.values())
+    assert (
+        configs["ran_features"].adversarial_pass == "image_features"
+        and configs["ran_every3"].attack_every == 3
+    )
     assert configs["ran"].recipe_dict() == {
         **RANConfig().recipe_dict(),
         "image_mean": [0.0],
@@ -294,3 +299,22 @@ def test_vqa_robustness_methods_are_a_table_of_ran_configs():
     }
     units = benchmark.job_units([1, 2], ["ran", "before", "lora"])
     assert units == [("lora", 1), ("before", 1), ("ran", 1), ("lora", 2), ("ran", 2)]
+
+
+def test_vqa_goals_judge_the_light_weight_recipe_against_ran():
+    benchmark = _load("vqa_robustness")
+
+    def entry(clean, robust):
+        return {"clean_acc": {"mean": clean}, "robust_acc": {"4/255": {"mean": robust}}}
+
+    summary = {
+        "lora": entry(0.90, 0.05),
+        "ran": entry(0.88, 0.40),
+        "ran_features": entry(0.89, 0.385),
+        "ran_every3": entry(0.90, 0.30),
+    }
+    found = benchmark.goals(summary)
+    assert found["robust_gain_over_lora"]["met"] and found["clean_gap_to_lora"]["met"]
+    assert found["ran_features_robust_vs_ran"]["met"]  # 1.5 points under RAN's
+    assert found["ran_features_robust_vs_ran"]["points"] == pytest.approx(1.5)
+    assert not found["ran_every3_robust_vs_ran"]["met"]  # 10 points under
