@@ -42,6 +42,7 @@ from ran_peft.experiments import (
     evaluate_adapter,
     light_weight_configs,
     peer_configs,
+    term_ablation_configs,
     train_adapter,
 )
 
@@ -57,7 +58,9 @@ LIGHT_WEIGHT = (
     "ran_carry",
     "ran_features",
 )
-METHODS = PEERS + LIGHT_WEIGHT
+# Each term of the default switched off in turn (`benchmarks/ablation.py` has more variants, one seed at a time).
+TERM_ABLATIONS = ("ran_no_adversarial_loss", "ran_no_kl", "ran_no_free_start", "ran_no_random_start")
+METHODS = PEERS + LIGHT_WEIGHT + TERM_ABLATIONS
 BASELINE_ATTACK_STEPS = 10
 EVAL_EPSILONS = (1 / 255, 2 / 255, 4 / 255)
 EVAL_ATTACKS = ("autoattack", "autoattack-quick", "pgd")
@@ -695,6 +698,7 @@ JOB_ORDER = (
 )
 JOB_ORDER += ("ran_every2", "ran_every3", "ran_every3_kl3", "ran_every3_strong", "ran_boundary25")
 JOB_ORDER += ("ran_free2", "ran_free4")
+JOB_ORDER += TERM_ABLATIONS
 
 
 def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
@@ -796,7 +800,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     setup = prepare(args)
     default = clip_ran_config(setup.pixel_box)
-    configs = {**peer_configs(default, attack_steps=BASELINE_ATTACK_STEPS), **light_weight_configs(default)}
+    configs = {
+        **peer_configs(default, attack_steps=BASELINE_ATTACK_STEPS),
+        **light_weight_configs(default),
+        **term_ablation_configs(default),
+    }
     configs = {name: configs[name] for name in METHODS if name in methods}
     check_evaluation_is_stronger(setup, configs)
     results = {

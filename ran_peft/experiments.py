@@ -182,6 +182,23 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
     }
 
 
+def term_ablation_configs(config: RANConfig) -> dict[str, RANConfig]:
+    """The default recipe `config` with each of its terms switched off in turn (the ablation behind the defaults):
+
+    - `ran_no_adversarial_loss`: no cross-entropy on the adversarial examples (`adversarial_weight=0`);
+    - `ran_no_kl`: no rectifying KL between clean and adversarial predictions (`kl_weight=0`);
+    - `ran_no_free_start`: each step's attack starts from a fresh random point, not from the previous step's
+      perturbation of the batch (`free_start=False`);
+    - `ran_no_random_start`: the attack starts from the clean image (`random_start=False`).
+    """
+    return {
+        "ran_no_adversarial_loss": replace(config, adversarial_weight=0.0),
+        "ran_no_kl": replace(config, kl_weight=0.0),
+        "ran_no_free_start": replace(config, free_start=False),
+        "ran_no_random_start": replace(config, random_start=False),
+    }
+
+
 def train_adapter(
     model: torch.nn.Module,
     config: RANConfig,

@@ -318,3 +318,23 @@ def test_vqa_goals_judge_the_light_weight_recipe_against_ran():
     assert found["ran_features_robust_vs_ran"]["met"]  # 1.5 points under RAN's
     assert found["ran_features_robust_vs_ran"]["points"] == pytest.approx(1.5)
     assert not found["ran_every3_robust_vs_ran"]["met"]  # 10 points under
+
+
+def test_term_ablations_each_switch_off_exactly_one_term_of_the_default():
+    from ran_peft import RANConfig
+    from ran_peft.experiments import term_ablation_configs
+
+    default = RANConfig()
+    switched_off = {
+        "ran_no_adversarial_loss": {"adversarial_weight": 0.0},
+        "ran_no_kl": {"kl_weight": 0.0},
+        "ran_no_free_start": {"free_start": False},
+        "ran_no_random_start": {"random_start": False},
+    }
+    configs = term_ablation_configs(default)
+    assert list(configs) == list(_load("robustness").TERM_ABLATIONS) == list(switched_off)
+    for name, config in configs.items():
+        changed = {
+            key: value for key, value in config.recipe_dict().items() if value != default.recipe_dict()[key]
+        }
+        assert changed == switched_off[name], name
