@@ -12,6 +12,10 @@ evaluation attack, named in the JSON). Usage: `python benchmarks/batchnorm_stati
 
 from __future__ import annotations
 
+import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-kernel notice out of the output)
+
+# isort: split
+
 import argparse
 import json
 import statistics

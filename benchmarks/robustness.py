@@ -16,6 +16,10 @@ in one process with every method.
 
 from __future__ import annotations
 
+import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-kernel notice out of the output)
+
+# isort: split
+
 import argparse
 import json
 import os

@@ -6,6 +6,10 @@ built on torchattacks; plus the peak memory of a RAN step with a ~100M-parameter
 
 from __future__ import annotations
 
+import ran_peft  # noqa: F401  (first: it keeps bitsandbytes' import-time Hub-kernel notice out of the output)
+
+# isort: split
+
 import argparse
 import json
 import os
