@@ -354,6 +354,7 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int) -> dict[st
     print(f"[{label}] training {settings.max_steps} steps ...", flush=True)
     work_dir = tempfile.mkdtemp(prefix=f".vqa-robustness-{name}-")
     timer = robustness.StepTimer()
+    timing: dict[str, float] = {}
     try:
         trainer, model, seconds = train_generative_adapter(
             load_base(setup.model_folder),
@@ -363,6 +364,7 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int) -> dict[st
             settings,
             work_dir,
             callbacks=[timer],
+            timing=timing,
         )
         print(f"[{label}] trained in {seconds:.1f} s; evaluating ...", flush=True)
         record, eval_seconds = evaluate(setup, model, settings)
@@ -371,6 +373,7 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int) -> dict[st
     record.update(
         seed=seed,
         train_seconds=seconds,
+        train_cpu_seconds=timing["cpu_seconds"],
         step_seconds=seconds / settings.max_steps,
         median_step_seconds=statistics.median(timer.seconds) if timer.seconds else None,
         eval_seconds=eval_seconds,
@@ -462,7 +465,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "train_seconds": spread([run["train_seconds"] for run in runs]),
             }
         )
-        for ratio in ("train_time_ratio_to_lora", "median_step_ratio_to_lora"):
+        for ratio in (
+            "train_time_ratio_to_lora",
+            "train_cpu_time_ratio_to_lora",
+            "median_step_ratio_to_lora",
+        ):
             values = [run[ratio] for run in runs if ratio in run]
             if values:
                 entry[ratio] = spread(values)
@@ -528,6 +535,8 @@ def finish(results: dict[str, Any]) -> None:
             if run is None or name == BEFORE:
                 continue
             run["train_time_ratio_to_lora"] = run["train_seconds"] / lora["train_seconds"]
+            if run.get("train_cpu_seconds") and lora.get("train_cpu_seconds"):
+                run["train_cpu_time_ratio_to_lora"] = run["train_cpu_seconds"] / lora["train_cpu_seconds"]
             if run.get("median_step_seconds") and lora.get("median_step_seconds"):
                 run["median_step_ratio_to_lora"] = run["median_step_seconds"] / lora["median_step_seconds"]
     results["summary"] = summarise(results)
@@ -558,24 +567,25 @@ def results_table(results: dict[str, Any]) -> list[str]:
     header = (
         "| method | clean | "
         + " | ".join(f"robust @{k}" for k in keys)
-        + f" | generate: clean | generate: robust @{largest} | train time / LoRA | seeds |"
+        + f" | generate: clean | generate: robust @{largest} | train time / LoRA | train CPU time / LoRA | seeds |"
     )
-    lines = [header, "|" + " --- |" * (len(keys) + 6)]
+    lines = [header, "|" + " --- |" * (len(keys) + 7)]
     for name, entry in summary.items():
         if name == BEFORE:
             lines.append(
                 f"| before fine-tuning | {_cell(entry['clean_acc'])} | "
                 + " | ".join("-" for _ in keys)
-                + f" | {_cell(entry['generate_clean_acc'])} | - | - | 1 |"
+                + f" | {_cell(entry['generate_clean_acc'])} | - | - | - | 1 |"
             )
             continue
         cells = " | ".join(_cell(entry["robust_acc"][k]) for k in keys)
-        ratio = (
-            _cell(entry["train_time_ratio_to_lora"], 1, 2) if "train_time_ratio_to_lora" in entry else "n/a"
+        ratio, cpu_ratio = (
+            _cell(entry[key], 1, 2) if key in entry else "n/a"
+            for key in ("train_time_ratio_to_lora", "train_cpu_time_ratio_to_lora")
         )
         lines.append(
             f"| {name} | {_cell(entry['clean_acc'])} | {cells} | {_cell(entry['generate_clean_acc'])} | "
-            f"{_cell(entry['generate_robust_acc'][largest])} | {ratio} | {len(entry['seeds'])} |"
+            f"{_cell(entry['generate_robust_acc'][largest])} | {ratio} | {cpu_ratio} | {len(entry['seeds'])} |"
         )
     return lines
 
@@ -678,7 +688,7 @@ def markdown(results: dict[str, Any]) -> str:
     }
     return "\n".join(
         [
-            "# Robust answers from a generative VLM: LoRA, FGSM-RS, TeCoA-style and RAN under AutoAttack",
+            "# Robust answers from a generative VLM: LoRA, FGSM-RS, TeCoA-style, RAN and light-weight RAN under AutoAttack",
             "",
             f"Accuracy in %, mean ± standard deviation over seeds {', '.join(map(str, seeds))}. "
             + describe(results),
@@ -783,7 +793,7 @@ def readme_section(results: dict[str, Any], json_path: str) -> str:
     met = [entry["goal"] for entry in found.values() if entry["met"]]
     missed = [entry["goal"] for entry in found.values() if not entry["met"]]
     verdict = (
-        f"**Goals for RAN met: {len(met)} of {len(found)}.**"
+        f"**Goals met: {len(met)} of {len(found)}.**"
         + (f" Met: {'; '.join(met)}." if met else "")
         + (f" Not met: {'; '.join(missed)}." if missed else "")
     )

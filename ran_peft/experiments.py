@@ -318,12 +318,14 @@ def train_generative_adapter(
     work_dir: str | Path,
     *,
     callbacks: Sequence[Any] = (),
+    timing: dict[str, float] | None = None,
 ):
     """RAN (or a peer's recipe) fine-tuning of a generative VLM with TRL's `SFTTrainer`: `peft_config=config` and
     `callbacks=[RANCallback()]` are all that differs from LoRA fine-tuning. `train_rows` hold `image`, `question`
     and `answer`; the loss is on the answer (and the chat template's end of turn). Needs `ran-peft[trl]`.
 
-    Returns `(trainer, peft_model, train_seconds)`.
+    Returns `(trainer, peft_model, train_seconds)`; `timing`, when given, also gets `cpu_seconds` (as in
+    `train_adapter`).
     """
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -366,9 +368,12 @@ def train_generative_adapter(
         peft_config=config,
         callbacks=[RANCallback(), *callbacks],
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    return trainer, trainer.model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if timing is not None:
+        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    return trainer, trainer.model, seconds
 
 
 def split_closed_questions(rows: Any, answers: Sequence[str]) -> tuple[Any, Any]:
