@@ -325,6 +325,19 @@ def run_method(setup: Setup, name: str, config: RANConfig, seed: int | None = No
     return record
 
 
+def library_versions() -> dict[str, str]:
+    """The installed releases a figure depends on (a new transformers or peft can move the numbers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "trl", "torchattacks", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 def environment(setup: Setup) -> dict[str, Any]:
     """Where and how the numbers were measured."""
     return {
@@ -337,6 +350,7 @@ def environment(setup: Setup) -> dict[str, Any]:
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "torch_version": torch.__version__,
+        "library_versions": library_versions(),
         "python_version": platform.python_version(),
         "seed": setup.settings.seed,
         "model": setup.model_folder,

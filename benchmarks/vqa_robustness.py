@@ -405,6 +405,7 @@ def environment(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "torch_version": torch.__version__,
+        "library_versions": robustness.library_versions(),
         "python_version": platform.python_version(),
         "model": setup.model_folder,
         "model_build": json.loads(build.read_text()) if build.is_file() else None,
