@@ -58,11 +58,13 @@ _DEPTH_ORDER = (
     "encoder_layers",
     "decoder_layers",
 )
-_HEAD_NAMES = {
+# Tuples, not sets: the first name a config has is its head count, and a set's order changes with the process's
+# string hashing (PYTHONHASHSEED), which made the sweep's outcome for configs with several head counts vary.
+_HEAD_NAMES = (
     "num_attention_heads", "num_heads", "n_head", "attention_heads", "encoder_attention_heads",
     "decoder_attention_heads", "resampler_n_heads", "resampler_heads", "num_cross_attention_heads",
     "num_self_attention_heads", "swa_num_attention_heads", "index_n_heads", "linear_num_heads",
-}  # fmt: skip
+)  # fmt: skip
 _KV_HEAD_NAMES = {
     "num_key_value_heads",
     "swa_num_key_value_heads",
@@ -161,14 +163,14 @@ _MULTIPLIERS = {
     "depth_multiplier": 0.25,
     "width_multiplier": 0.25,
 }
-_STAGE_DEPTH_NAMES = {
+_STAGE_DEPTH_NAMES = (
     "depths",
     "depth",
     "num_block_repeats",
     "stage_num_blocks",
     "stage_numb_of_layers",
     "num_blocks",
-}
+)
 _STAGE_HEAD_NAMES = {"num_heads", "num_attention_heads", "attention_heads", "heads"}
 STAGE_WIDTH = 16
 STAGED_IMAGE_SIZE = 64  # four stages that halve the resolution each still see a 4 x 4 map at the end
@@ -186,7 +188,7 @@ def _int_list(value: Any) -> bool:
 
 def is_staged(config: dict) -> bool:
     """A hierarchical tower: per-stage lists of depths or widths."""
-    return any(_int_list(config.get(name)) for name in _STAGE_DEPTH_NAMES | {"hidden_sizes", "embed_dims"})
+    return any(_int_list(config.get(name)) for name in (*_STAGE_DEPTH_NAMES, "hidden_sizes", "embed_dims"))
 
 
 def _shrink_stages(config: dict) -> None:
