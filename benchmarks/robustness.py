@@ -726,7 +726,14 @@ def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
 
 
 def run_in_processes(
-    argv: list[str], units: list[tuple[str, int]], jobs: int, threads: int | None, out: Path
+    argv: list[str],
+    units: list[tuple[str, int]],
+    jobs: int,
+    threads: int | None,
+    out: Path,
+    *,
+    script: str = __file__,
+    join=None,
 ) -> dict[str, Any]:
     """Run this script once per (method, seed), `jobs` processes at a time, then join the results into `out`.
 
@@ -734,6 +741,9 @@ def run_in_processes(
     option wins with argparse, so each child gets the caller's options followed by its own `--methods`, `--seeds`,
     `--out`, `--jobs` and `--threads`. A run gives the same numbers in a process of its own as in one process
     with every method: each method starts from the reloaded base weights and is seeded on its own.
+
+    `script` and `join(parts, extra)` let another benchmark with the same options (`vqa_robustness.py`) run its own
+    children and join them its own way (default: this script and `merge` into `out`).
     """
     folder = out.with_name(f"{out.stem}-parts")
     folder.mkdir(parents=True, exist_ok=True)
@@ -749,7 +759,7 @@ def run_in_processes(
             label = f"{name} seed {seed}"
             part = folder / f"{name}-seed{seed}.json"
             log = open(part.with_suffix(".log"), "w")  # noqa: SIM115 (closed when the child ends)
-            command = [sys.executable, os.path.abspath(__file__), *argv]
+            command = [sys.executable, os.path.abspath(script), *argv]
             command += ["--methods", name, "--seeds", str(seed), "--out", str(part)]
             command += ["--jobs", "1", "--threads", str(threads)]
             print(f"{label}: started, log in {part.with_suffix('.log')}", flush=True)
@@ -771,7 +781,8 @@ def run_in_processes(
                 failed.append(f"{label} (exit {process.returncode}; see {part.with_suffix('.log')})")
     if failed:
         raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished runs are in {folder}.")
-    results = merge(parts, out, extra={"total_seconds": time.perf_counter() - started, "jobs": jobs})
+    extra = {"total_seconds": time.perf_counter() - started, "jobs": jobs}
+    results = join(parts, extra) if join else merge(parts, out, extra=extra)
     print(f"total {results['total_seconds']:.0f} s with {jobs} processes; wrote {out}")
     return results
 

@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -899,52 +898,6 @@ def job_units(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
     return units
 
 
-def run_in_processes(
-    argv: list[str],
-    units: list[tuple[str, int]],
-    jobs: int,
-    threads: int | None,
-    out: Path,
-    readme: str | None,
-) -> dict[str, Any]:
-    """Run this script once per (method, seed), `jobs` processes at a time, then join the results into `out`."""
-    folder = out.with_name(f"{out.stem}-parts")
-    folder.mkdir(parents=True, exist_ok=True)
-    threads = threads or 1
-    pending, running, parts, failed = list(units), [], [], []
-    started = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < jobs:
-            name, seed = pending.pop(0)
-            part = folder / f"{name}-seed{seed}.json"
-            log = open(part.with_suffix(".log"), "w")  # noqa: SIM115 (closed when the child ends)
-            command = [sys.executable, os.path.abspath(__file__), *argv]
-            command += ["--methods", name, "--seeds", str(seed), "--out", str(part)]
-            command += ["--jobs", "1", "--threads", str(threads)]
-            print(f"{name} seed {seed}: started, log in {part.with_suffix('.log')}", flush=True)
-            # OpenMP threads beyond --threads would contend with the other processes for the same cores
-            environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-            running.append((f"{name} seed {seed}", child, part, log))
-        time.sleep(0.5)
-        for entry in list(running):
-            label, process, part, log = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            log.close()
-            if process.returncode == 0:
-                parts.append(str(part))
-                print(f"{label}: done after {time.perf_counter() - started:.0f} s", flush=True)
-            else:
-                failed.append(f"{label} (exit {process.returncode}; see {part.with_suffix('.log')})")
-    if failed:
-        raise SystemExit(f"error: --jobs: {', '.join(failed)} failed; the finished runs are in {folder}.")
-    results = merge(parts, out, readme, extra={"total_seconds": time.perf_counter() - started, "jobs": jobs})
-    print(f"total {results['total_seconds']:.0f} s with {jobs} processes; wrote {out}")
-    return results
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(argv)
     out = Path(args.out)
@@ -954,7 +907,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.jobs > 1 and len(units) > 1:
         # the children must not rewrite the README: only the joined result does
         forwarded = _without_option(list(sys.argv[1:] if argv is None else argv), "--readme")
-        return run_in_processes(forwarded, units, args.jobs, args.threads, out, args.readme)
+        return robustness.run_in_processes(
+            forwarded,
+            units,
+            args.jobs,
+            args.threads,
+            out,
+            script=__file__,
+            join=lambda parts, extra: merge(parts, out, args.readme, extra=extra),
+        )
 
     setup = prepare(args)
     configs = method_configs(base_config(setup.pixel_box))

@@ -199,6 +199,36 @@ def term_ablation_configs(config: RANConfig) -> dict[str, RANConfig]:
     }
 
 
+def _run_arguments(settings: ExperimentSettings, work_dir: str | Path) -> dict[str, Any]:
+    """The training arguments the stock Trainer and TRL's SFTTrainer runs share: length, schedule, seeds, no saving."""
+    return dict(
+        output_dir=str(work_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, settings.max_steps // 10),
+        logging_steps=settings.logging_steps or max(1, settings.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not settings.progress,
+        dataloader_num_workers=0,
+    )
+
+
+def _timed_train(trainer: Any, timing: dict[str, float] | None) -> float:
+    """`trainer.train()`, timed: returns the wall seconds; `timing`, when given, gets them and the CPU seconds."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    if timing is not None:
+        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    return seconds
+
+
 def train_adapter(
     model: torch.nn.Module,
     config: RANConfig,
@@ -226,22 +256,9 @@ def train_adapter(
     set_seed(settings.seed)
     peft_model = get_peft_model(model, config)
     arguments = TrainingArguments(
-        output_dir=str(work_dir),
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(10, settings.max_steps // 10),
-        logging_steps=settings.logging_steps or max(1, settings.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
+        **_run_arguments(settings, work_dir),
         remove_unused_columns=False,  # CLIPModel.forward takes no `labels`; RAN's wrapper does
         label_names=["labels"],
-        disable_tqdm=not settings.progress,
-        dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         **settings.extra_training_arguments,
     )
@@ -253,11 +270,7 @@ def train_adapter(
         processing_class=image_processor,
         callbacks=[RANCallback(class_text_inputs=class_text_inputs), *callbacks],
     )
-    start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    if timing is not None:
-        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    seconds = _timed_train(trainer, timing)
     return trainer, peft_model, seconds
 
 
@@ -338,23 +351,10 @@ def train_generative_adapter(
     # the recipes, not the recomputation.
     extra = {"gradient_checkpointing": False, **settings.extra_training_arguments}
     arguments = SFTConfig(
-        output_dir=str(work_dir),
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(10, settings.max_steps // 10),
-        logging_steps=settings.logging_steps or max(1, settings.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=not on_gpu,
+        **_run_arguments(settings, work_dir),
         bf16=on_gpu
         and torch.cuda.is_bf16_supported(),  # SFTConfig's default (bf16) fails on a CPU without it
         max_length=None,  # never cut the image tokens
-        disable_tqdm=not settings.progress,
-        dataloader_num_workers=0,
         **extra,
     )
     # SFTTrainer draws the adapter's initial weights before the Trainer seeds anything: seed them here, so that one
@@ -368,11 +368,7 @@ def train_generative_adapter(
         peft_config=config,
         callbacks=[RANCallback(), *callbacks],
     )
-    start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    if timing is not None:
-        timing.update(wall_seconds=seconds, cpu_seconds=time.process_time() - cpu_start)
+    seconds = _timed_train(trainer, timing)
     return trainer, trainer.model, seconds
 
 
