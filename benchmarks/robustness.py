@@ -58,9 +58,16 @@ LIGHT_WEIGHT = (
     "ran_every3_strong",
     "ran_boundary25",
     "ran_free2",
+    "ran_free3",
     "ran_free4",
     "ran_carry",
     "ran_features",
+    "ran_features_task",
+    "ran_every3_eps8",
+    "ran_every4_eps8",
+    "ran_free2_kl2",
+    "ran_free2_eps6",
+    "ran_free2_eps8",
 )
 # Each term of the default switched off in turn (`benchmarks/ablation.py` has more variants, one seed at a time).
 TERM_ABLATIONS = ("ran_no_adversarial_loss", "ran_no_kl", "ran_no_free_start", "ran_no_random_start")
@@ -715,7 +722,8 @@ JOB_ORDER = (
     "ran_features",
 )
 JOB_ORDER += ("ran_every2", "ran_every3", "ran_every3_kl3", "ran_every3_strong", "ran_boundary25")
-JOB_ORDER += ("ran_free2", "ran_free4")
+JOB_ORDER += ("ran_free2", "ran_free3", "ran_free4", "ran_free2_kl2", "ran_free2_eps6", "ran_free2_eps8")
+JOB_ORDER += ("ran_features_task", "ran_every3_eps8", "ran_every4_eps8")
 JOB_ORDER += TERM_ABLATIONS
 
 

@@ -76,6 +76,11 @@ def method_configs(base: RANConfig) -> dict[str, RANConfig]:
         # language model sees only the clean pass), and RAN's default on every 3rd step only
         "ran_features": light["ran_features"],
         "ran_every3": light["ran_every3"],
+        # the same vision-tower pass, the attack's one step taken from the clean task loss's input gradient
+        "ran_features_task": light["ran_features_task"],
+        # Free AT: each batch twice, a clean step then an adversarial one, one forward/backward each
+        "ran_free2": light["ran_free2"],
+        "ran_free3": light["ran_free3"],  # the same with 3 replays: two adversarial steps per batch
     }
 
 
@@ -121,7 +126,7 @@ GOAL_ROBUST_GAIN = 0.20  # robust @4/255 at least this far above LoRA's
 GOAL_CLEAN_GAP = 0.03  # clean within this of LoRA's
 # Goal of issue 21 for its light-weight recipes: robust @4/255 at most this far under RAN default's.
 GOAL_LIGHT_ROBUST_GAP = 0.02
-LIGHT_WEIGHT = ("ran_features", "ran_every3")
+LIGHT_WEIGHT = ("ran_features", "ran_every3", "ran_features_task", "ran_free2", "ran_free3")
 README_START, README_END = "<!-- vqa-results:start -->", "<!-- vqa-results:end -->"
 
 

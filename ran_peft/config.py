@@ -39,7 +39,7 @@ class RANConfig(LoraConfig):
     + covariance_weight * offdiag(cov z(x)) + spectrum_weight * (1 - top-k spectrum share of z(x))`,
     where `delta` is made by PGD inside the budget. With `epsilon=0` and every weight 0, RAN is LoRA training.
     Budgets are in [0, 1] pixel units, converted per channel with the image processor's mean and std.
-    Every default comes from `benchmarks/ablation.py` (see the benchmarks guide).
+    Every default stands on a measured ablation (the benchmarks guide: `benchmarks/robustness.py` term ablations).
     """
 
     epsilon: float = field(
@@ -174,7 +174,9 @@ class RANConfig(LoraConfig):
             "help": "Free adversarial training (Shafahi et al. 2019): replay each batch this many optimiser steps, "
             "one forward/backward each. The first replay is the clean step; each later one trains on the batch "
             "perturbed by the previous backward's input gradient (adversarial task loss, plus the KL to the "
-            "predictions cached from the clean replay). The batches that arrive during a replay are not used, so "
+            "predictions cached from the clean replay). As in Free AT the perturbation starts at the clean batch "
+            "and `random_start` does not apply (a random start lowered Free AT's robust accuracy in the "
+            "benchmarks). The batches that arrive during a replay are not used, so "
             "the number of distinct batches falls by this factor, as in Free AT at the cost of natural training. "
             "1: off."
         },
@@ -183,11 +185,12 @@ class RANConfig(LoraConfig):
         default="model",
         metadata={
             "help": "What the attack and the adversarial pass run: 'model' (the whole model) or 'image_features' "
-            "(the vision tower and projector only, through the model's `get_image_features`; FARE-style: the "
-            "attack maximises and the consistency term pulls back the distance of the adversarial image features "
-            "to the adapter-disabled model's clean ones, and the language model sees only the clean pass). "
-            "'image_features' needs attack_loss='consistency', consistency_weight > 0, kl_weight=0 and "
-            "adversarial_weight=0."
+            "(the vision tower and projector only, through the model's `get_image_features`, FARE-style: the "
+            "consistency term pulls the adversarial image features back to the adapter-disabled model's clean ones, "
+            "and the language model sees only the clean pass). The attack maximises that feature distance "
+            "(attack_loss='consistency') or takes its one step from the clean task loss's input gradient "
+            "(attack_loss='task', with free_start=True and attack_steps=1). 'image_features' needs "
+            "consistency_weight > 0, kl_weight=0 and adversarial_weight=0."
         },
     )
     image_mean: list[float] | None = field(
@@ -289,8 +292,23 @@ class RANConfig(LoraConfig):
     def _validate_light_weight_recipes(self) -> None:
         """The settings that change which passes a step runs must not contradict each other."""
         if self.adversarial_pass == "image_features":
+            if self.attack_loss == "task":
+                # The one attack step is the free start's: the input gradient of the clean pass's task loss. A further
+                # step would need the task loss at the adversarial input, through the language model.
+                for name, wanted, ok in (
+                    ("free_start", "True", self.free_start),
+                    ("attack_steps", "1", self.attack_steps == 1),
+                ):
+                    if not ok:
+                        _fail(
+                            name,
+                            getattr(self, name),
+                            f"{wanted} with adversarial_pass='image_features' and attack_loss='task' (the one "
+                            "attack step is the free start's input gradient of the clean task loss; more would run "
+                            "the language model on the adversarial input)",
+                        )
             for name, wanted, ok in (
-                ("attack_loss", "'consistency'", self.attack_loss == "consistency"),
+                ("attack_loss", "'consistency' or 'task'", self.attack_loss in ("consistency", "task")),
                 ("consistency_weight", "a weight > 0", self.consistency_weight > 0),
                 ("kl_weight", "0", self.kl_weight == 0),
                 ("adversarial_weight", "0", self.adversarial_weight == 0),

@@ -152,12 +152,20 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
       (`adversarial_weight=1`, `kl_weight=3`); the steps between are clean;
     - `ran_boundary25`: the attack and the adversarial terms on the quarter of each batch nearest the decision
       boundary (`adversarial_fraction=0.25`, BulletTrain-style);
-    - `ran_free2`, `ran_free4`: Free adversarial training with 2 (4) replays of each batch and the KL to the clean
-      replay's cached predictions (`free_replay`), one forward/backward per step;
+    - `ran_free2`, `ran_free3`, `ran_free4`: Free adversarial training with 2 (3, 4) replays of each batch and the KL
+      to the clean replay's cached predictions (`free_replay`), one forward/backward per step;
     - `ran_carry`: each sample's perturbation carried across epochs (`carry_perturbations=True`, ATTA-style);
     - `ran_features`: the attack and the adversarial pass through the image tower alone, the adversarial image
       features pulled to the pre-trained model's clean ones (`adversarial_pass='image_features'`, FARE-style),
-      on top of the clean task loss.
+      on top of the clean task loss;
+    - `ran_features_task`: the same adversarial pass, but the attack's one step is the free start's input gradient
+      of the clean task loss (`attack_loss='task'`), so the perturbation aims at the answer and costs no pass of its
+      own;
+    - `ran_every3_eps8`, `ran_every4_eps8`: RAN's default on every 3rd (4th) step at twice the budget (8/255 for
+      the default 4/255), spending the clean accuracy the skipped steps keep on robustness;
+    - `ran_free2_kl2`: Free AT with 2 replays, the KL doubled so that per step it weighs what it weighs in the
+      default (only every other step has one);
+    - `ran_free2_eps6`, `ran_free2_eps8`: Free AT with 2 replays at 1.5 (2) times the budget.
     """
     return {
         "ran_every2": replace(config, attack_every=2),
@@ -179,6 +187,22 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
             adversarial_weight=0.0,
             free_start=False,
         ),
+        "ran_features_task": replace(
+            config,
+            adversarial_pass="image_features",
+            attack_loss="task",
+            consistency_weight=1.0,
+            kl_weight=0.0,
+            adversarial_weight=0.0,
+            free_start=True,
+            attack_steps=1,
+        ),
+        "ran_every3_eps8": replace(config, attack_every=3, epsilon=2 * config.epsilon),
+        "ran_every4_eps8": replace(config, attack_every=4, epsilon=2 * config.epsilon),
+        "ran_free3": replace(config, free_replay=3),
+        "ran_free2_kl2": replace(config, free_replay=2, kl_weight=2 * config.kl_weight),
+        "ran_free2_eps6": replace(config, free_replay=2, epsilon=1.5 * config.epsilon),
+        "ran_free2_eps8": replace(config, free_replay=2, epsilon=2 * config.epsilon),
     }
 
 

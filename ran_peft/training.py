@@ -59,6 +59,9 @@ class RANOutput(ModelOutput):
     counted_logits: torch.Tensor | None = None
     """Generative VLMs: the clean logits of the counted (answer) positions only, `[rows, V]` in row-major order of
     the family's `logits_mask` (detached); what TRL's per-token metrics read."""
+    labels: torch.Tensor | None = None
+    """Free AT's replays (`free_replay`): the labels of the batch the loss belongs to (the replayed one, not the
+    batch passed in), which TRL's per-token metrics read with `counted_logits`."""
 
 
 def resolve_pixel_box(config: RANConfig, processor: Any = None, model: nn.Module | None = None) -> PixelBox:
@@ -625,7 +628,7 @@ def _per_sample_pixels(state: RANStep, setting: str) -> torch.Tensor:
 def _attack_objective(state: RANStep, adversarial_pixels: torch.Tensor) -> torch.Tensor:
     """What the attack maximises (`RANConfig.attack_loss`)."""
     attack_loss = state.config.attack_loss
-    if state.config.adversarial_pass == "image_features":
+    if state.config.adversarial_pass == "image_features" and attack_loss == "consistency":
         features = state.family.image_features(state.model, state.inputs, adversarial_pixels)
         return feature_consistency(features, state.reference_features)
     features_attack = attack_loss == "consistency"
@@ -810,10 +813,7 @@ def free_replay_phase(state: RANStep) -> RANOutput:
         )
         state.loss = output.loss if config.task_weight == 1 else config.task_weight * output.loss
         state.parts["clean"] = output.loss.detach()
-        logits = output.logits.detach() if output.logits is not None and kl_rows is None else None
-        return RANOutput(
-            loss=state.loss, logits=logits, parts=state.parts, adversarial_pixel_values=pixels.detach()
-        )
+        return _replay_output(state, output, kl_rows, state.inputs, pixels.detach())
     gradient = replay.last_pixels.grad
     if gradient is None:
         raise RuntimeError(
@@ -836,16 +836,45 @@ def free_replay_phase(state: RANStep) -> RANOutput:
     state.add(output.loss, config.task_weight)
     state.parts["adversarial"] = output.loss.detach()
     if config.kl_weight > 0:
+        rows = replay.kl_rows
+        if rows is not None and config.task_weight > 0 and output.loss.requires_grad:
+            # As in the default's adversarial pass: the KL's rows join the task loss's dense gradient in place.
+            adversarial_rows = _RowsWithSparseGradient.apply(output.logits, rows.to(output.logits.device))
+        else:
+            adversarial_rows = _select_rows(output.logits, rows)
         kl = rectification_kl(
             replay.clean_logits,
-            _select_rows(output.logits, replay.kl_rows),
+            adversarial_rows,
             output.logits_mask if replay.kl_rows is None else None,
             temperature=config.kl_temperature,
             detach_clean=True,
         )
         state.add_part("kl", kl, config.kl_weight * state.ramp)
     state.parts["epsilon"] = torch.tensor(state.epsilon)
-    return RANOutput(loss=state.loss, parts=state.parts, adversarial_pixel_values=adversarial.detach())
+    return _replay_output(state, output, replay.kl_rows, replay.inputs, adversarial.detach())
+
+
+def _replay_output(
+    state: RANStep,
+    output: FamilyOutput,
+    kl_rows: torch.Tensor | None,
+    inputs: Mapping[str, Any],
+    pixels: torch.Tensor,
+) -> RANOutput:
+    """A replay's output: small logits as they are, a generative VLM's counted rows with the labels they belong to."""
+    logits = counted = None
+    if output.logits is not None and kl_rows is None:
+        logits = output.logits.detach()
+    elif output.logits is not None:
+        counted = _select_rows(output.logits.detach(), kl_rows)
+    return RANOutput(
+        loss=state.loss,
+        logits=logits,
+        parts=state.parts,
+        adversarial_pixel_values=pixels,
+        counted_logits=counted,
+        labels=inputs.get("labels"),
+    )
 
 
 class RANTrainingWrapper:
@@ -879,7 +908,7 @@ class RANTrainingWrapper:
         self.memory = RecipeMemory()  # carried perturbations and Free AT's replay, kept across steps
         self._original_forward = model.forward
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}  # per part: light-weight recipes log some parts on some steps only
         model.forward = _WrappedForward(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -906,9 +935,8 @@ class RANTrainingWrapper:
             )
             self._record(output.parts)
             if fused:
-                return fused_lm_head_output(
-                    output.loss, output, kwargs["labels"], kwargs.get("num_items_in_batch")
-                )
+                labels = output.labels if output.labels is not None else kwargs["labels"]
+                return fused_lm_head_output(output.loss, output, labels, kwargs.get("num_items_in_batch"))
             return output
         if self.family.routes_every_call or (
             isinstance(self.family, DualEncoderFamily) and kwargs.get("labels") is not None
@@ -922,14 +950,14 @@ class RANTrainingWrapper:
         for name, value in parts.items():
             value = value.detach().float()
             self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._count += 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def pop_logged_parts(self) -> dict[str, float]:
-        """The mean of each loss part since the last call (and reset)."""
-        if self._count == 0:
+        """The mean of each loss part since the last call, over the calls that gave it (and reset)."""
+        if not self._counts:
             return {}
-        means = {f"ran/{name}": float(total) / self._count for name, total in self._sums.items()}
-        self._sums, self._count = {}, 0
+        means = {f"ran/{name}": float(total) / self._counts[name] for name, total in self._sums.items()}
+        self._sums, self._counts = {}, {}
         return means
 
     def remove(self) -> None:

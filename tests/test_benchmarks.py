@@ -286,11 +286,23 @@ def test_vqa_robustness_methods_are_a_table_of_ran_configs():
 
     configs = benchmark.method_configs(benchmark.base_config(PixelBox()))
     assert list(configs) == list(benchmark.METHODS)
-    assert list(configs) == ["lora", "fgsm_rs", "tecoa", "ran", "ran_features", "ran_every3"]
+    assert list(configs) == [
+        "lora",
+        "fgsm_rs",
+        "tecoa",
+        "ran",
+        "ran_features",
+        "ran_every3",
+        "ran_features_task",
+        "ran_free2",
+        "ran_free3",
+    ]
     assert all(isinstance(config, RANConfig) for config in configs.values())
     assert (
         configs["ran_features"].adversarial_pass == "image_features"
         and configs["ran_every3"].attack_every == 3
+        and configs["ran_features_task"].attack_loss == "task"
+        and configs["ran_free2"].free_replay == 2
     )
     assert configs["ran"].recipe_dict() == {
         **RANConfig().recipe_dict(),

@@ -83,10 +83,8 @@ def _load_vlm_cost():
     return module
 
 
-@pytest.mark.slow
-def test_vlm_cost_measures_every_case_in_a_fresh_process():
-    vlm_cost = _load_vlm_cost()
-    shape = vlm_cost.VLMShape(
+def _micro_shape(vlm_cost):
+    return vlm_cost.VLMShape(
         vocab=512,
         hidden=32,
         layers=1,
@@ -100,8 +98,14 @@ def test_vlm_cost_measures_every_case_in_a_fresh_process():
         answer_tokens=4,
         batch=2,
     )
+
+
+@pytest.mark.slow
+def test_vlm_cost_measures_every_case_in_a_fresh_process():
+    vlm_cost = _load_vlm_cost()
+    shape = _micro_shape(vlm_cost)
     results = vlm_cost.measure(shape, steps=1, warmup=0, rounds=1, device="cpu", log=lambda *a, **k: None)
-    assert set(results["peak_mib"]) == {"lora", "ran", "ran_k2", "ran_vision", "ran_every3"}
+    assert set(results["peak_mib"]) == set(vlm_cost.RECIPES)
     assert results["vlm_ran_over_lora_peak_memory_ratio"] > 0
     assert results["vlm_ran_over_lora_step_ratio"] > 0
     assert set(results["ratios_to_lora"]) == set(results["peak_mib"])
@@ -109,3 +113,14 @@ def test_vlm_cost_measures_every_case_in_a_fresh_process():
     assert results["vlm_ran_vision_over_lora_step_ratio"] > 0
     assert results["model"]["image_tokens"] == 4
     assert all(len(run["step_seconds"]) == 1 for runs in results["runs"].values() for run in runs)
+
+
+def test_vlm_cost_runs_the_chosen_recipes_beside_lora():
+    vlm_cost = _load_vlm_cost()
+    results = vlm_cost.measure(
+        _micro_shape(vlm_cost), steps=1, warmup=0, rounds=1, device="cpu", log=lambda *a, **k: None,
+        recipes=("ran_vision_task",),
+    )  # fmt: skip
+    assert set(results["peak_mib"]) == set(results["recipes"]) == {"lora", "ran_vision_task"}
+    assert results["vlm_ran_vision_task_over_lora_step_ratio"] > 0
+    assert "vlm_ran_over_lora_step_ratio" not in results and set(results["goals"]) == {"ran_vision_task"}

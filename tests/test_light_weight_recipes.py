@@ -172,6 +172,35 @@ def test_free_replay_trains_each_replay_on_the_previous_backwards_input_gradient
     assert torch.equal(fourth.adversarial_pixel_values, other.batch["pixel_values"])
 
 
+def test_free_replay_on_a_generative_vlm_gives_the_written_loss_and_gradient():
+    """The adversarial replay of a generative VLM: its answer-token loss plus the KL over the answer rows to the clean
+    replay's cached rows (whose gradient joins the task loss's in place, as in the default's adversarial pass)."""
+    case = tm.llava()
+    model, config = _peft(
+        case, free_replay=2, kl_weight=2.0, target_modules=r".*(q_proj|v_proj|linear_1|linear_2)"
+    )
+    family = detect_family(model)
+    memory = RecipeMemory()
+    clean_output = ran_loss(model, case.batch, config, pixel_box=BOX, memory=memory)
+    clean_output.loss.backward()
+    model.zero_grad()
+    assert clean_output.counted_logits is not None and clean_output.labels is case.batch["labels"]
+    replay = ran_loss(model, case.batch, config, pixel_box=BOX, memory=memory)
+    replay.loss.backward()
+    ours = _gradients(model)
+
+    clean = family.run(model, case.batch, case.batch["pixel_values"])
+    adversarial = family.run(model, case.batch, replay.adversarial_pixel_values)
+    rows = clean.logits_mask.reshape(-1).nonzero().squeeze(1)
+    flat = lambda logits: logits.reshape(-1, logits.shape[-1]).index_select(0, rows)  # noqa: E731
+    kl = rectification_kl_reference(flat(clean.logits).detach(), flat(adversarial.logits))
+    reference = adversarial.loss + 2.0 * kl
+    assert replay.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(replay.counted_logits, flat(adversarial.logits).detach(), rtol=1e-5, atol=1e-6)
+    reference.backward()
+    _assert_same_gradients(ours, _gradients(model))
+
+
 def test_free_replay_needs_the_backward_between_replays():
     case = tm.convnext()
     model, config = _peft(case, free_replay=2)
@@ -217,9 +246,60 @@ def test_image_feature_pass_runs_no_language_model_and_gives_the_written_loss():
     _assert_same_gradients(ours, _gradients(model))
 
 
+def test_image_feature_pass_with_the_task_attack_steps_along_the_clean_answer_gradient():
+    """attack_loss='task': the one attack step is the clean task loss's input gradient (free start), so the language
+    model still runs once; the perturbation is eps * sign(that gradient), cut to the pixel box."""
+    case = tm.llava()
+    model, config = _peft(
+        case,
+        adversarial_pass="image_features",
+        attack_loss="task",
+        consistency_weight=2.0,
+        kl_weight=0.0,
+        adversarial_weight=0.0,
+        random_start=False,
+        target_modules=r".*(q_proj|v_proj|linear_1|linear_2)",
+    )
+    language_model = model.base_model.model.model.language_model
+    calls = []
+    language_model.register_forward_hook(lambda *args: calls.append(1))
+    output = ran_loss(model, case.batch, config, pixel_box=BOX)
+    assert len(calls) == 1
+    output.loss.backward()
+    ours = _gradients(model)
+
+    family = detect_family(model)
+    pixels = case.batch["pixel_values"].detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(family.run(model, case.batch, pixels).loss, [pixels])
+    clean_pixels = _in_pixels(case.batch["pixel_values"])
+    expected = (clean_pixels + config.epsilon * gradient.sign()).clamp(0, 1)
+    torch.testing.assert_close(_in_pixels(output.adversarial_pixel_values), expected, rtol=0, atol=1e-5)
+
+    clean = family.run(model, case.batch, case.batch["pixel_values"])
+    with torch.no_grad(), model.disable_adapter():
+        reference_features = vision_tower_features(model, case.batch, case.batch["pixel_values"])
+    adversarial_features = vision_tower_features(model, case.batch, output.adversarial_pixel_values)
+    reference = clean.loss + 2.0 * (adversarial_features - reference_features).pow(2).sum(-1).mean()
+    assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    reference.backward()
+    _assert_same_gradients(ours, _gradients(model))
+
+
 def test_image_feature_pass_says_what_it_needs():
-    with pytest.raises(ValueError, match=r"RANConfig.attack_loss='task' is not allowed: 'consistency'"):
+    with pytest.raises(ValueError, match=r"RANConfig.consistency_weight=0.0 is not allowed: a weight > 0"):
         RANConfig(target_modules=["q_proj"], adversarial_pass="image_features")
+    with pytest.raises(
+        ValueError, match=r"RANConfig.attack_loss='kl' is not allowed: 'consistency' or 'task'"
+    ):
+        RANConfig(target_modules=["q_proj"], adversarial_pass="image_features", attack_loss="kl")
+    for field, value in (("free_start", False), ("attack_steps", 2)):
+        with pytest.raises(
+            ValueError, match=rf"RANConfig.{field}={value} is not allowed: .*attack_loss='task'"
+        ):
+            RANConfig(
+                target_modules=["q_proj"], adversarial_pass="image_features", consistency_weight=1.0, kl_weight=0.0,
+                adversarial_weight=0.0, **{field: value},
+            )  # fmt: skip
     case = tm.convnext()
     model, config = _peft(
         case, adversarial_pass="image_features", attack_loss="consistency", consistency_weight=1.0, kl_weight=0.0,

@@ -174,6 +174,26 @@ def test_wrapper_only_acts_in_training_and_restores_the_forward():
     assert wrapper.pop_logged_parts()["ran/kl"] >= 0
 
 
+def test_logged_parts_are_means_over_the_steps_that_have_them():
+    """With `attack_every=2` the clean steps have no adversarial part: its logged mean is over the attacked steps."""
+    case = tm.vit()
+    model, config = _peft(case, attack_every=2)
+    wrapper = RANTrainingWrapper(model, config, BOX)
+    model.train()
+    parts = []
+    for step in range(2):
+        wrapper.step = step
+        output = model(**case.batch)
+        output.loss.backward()
+        parts.append(output.parts)
+    logged = wrapper.pop_logged_parts()
+    assert "adversarial" in parts[0] and "adversarial" not in parts[1]
+    assert logged["ran/adversarial"] == pytest.approx(parts[0]["adversarial"].item())
+    assert logged["ran/epsilon"] == pytest.approx(config.epsilon)
+    assert logged["ran/clean"] == pytest.approx((parts[0]["clean"] + parts[1]["clean"]).item() / 2)
+    assert wrapper.pop_logged_parts() == {}
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [

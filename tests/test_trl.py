@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,17 +139,22 @@ def test_sft_trainer_with_ran_config_trains_qwen2_vl(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
-def test_sft_trainer_gives_the_stock_trainers_adapter_on_the_same_batches(tmp_path, family):
+@pytest.mark.parametrize(
+    "family, recipe",
+    [("llava", {}), ("gemma3", {}), ("llava", {"free_replay": 2})],
+    ids=["llava", "gemma3", "llava-free2"],
+)
+def test_sft_trainer_gives_the_stock_trainers_adapter_on_the_same_batches(tmp_path, family, recipe):
     """Under gradient accumulation (2 micro-batches of uneven token counts per step), SFTTrainer and the stock
-    Trainer, fed the same batches from TRL's collator, end with the same adapter."""
+    Trainer, fed the same batches from TRL's collator, end with the same adapter. Free AT's replays (a replayed
+    batch's loss returned for a new batch's labels) too."""
     rows = tiny_vlms.vqa_rows(8)
     args = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     adapters = {}
     for which in ("sft", "stock"):
         model, processor = tiny_vlms.GENERATIVE[family]()
         torch.manual_seed(0)
-        peft_model = get_peft_model(model, _config())
+        peft_model = get_peft_model(model, replace(_config(), **recipe))
         sft = SFTTrainer(
             peft_model,
             args=_sft_args(tmp_path / which, **args),
@@ -180,6 +186,11 @@ def test_sft_trainer_gives_the_stock_trainers_adapter_on_the_same_batches(tmp_pa
         adapters[which] = _adapter(peft_model)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         adapters[which + "_losses"] = losses
+        if which == "sft":
+            logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+            assert all("mean_token_accuracy" in entry for entry in logged)  # TRL's metrics, replays included
+            if recipe:
+                assert any("ran/kl" in entry for entry in logged)  # an adversarial replay ran
     for name, value in adapters["stock"].items():
         torch.testing.assert_close(adapters["sft"][name], value, atol=1e-5, rtol=1e-4)
     trained_b = [value for name, value in adapters["stock"].items() if "lora_B" in name]
