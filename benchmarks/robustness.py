@@ -51,24 +51,7 @@ from ran_peft.experiments import (
 )
 
 PEERS = ("lora", "ran", "fgsm_rs", "tecoa", "pmg_aft", "fare", "trades", "pgd_at")
-LIGHT_WEIGHT = (
-    "ran_every2",
-    "ran_every3",
-    "ran_every3_kl3",
-    "ran_every3_strong",
-    "ran_boundary25",
-    "ran_free2",
-    "ran_free3",
-    "ran_free4",
-    "ran_carry",
-    "ran_features",
-    "ran_features_task",
-    "ran_every3_eps8",
-    "ran_every4_eps8",
-    "ran_free2_kl2",
-    "ran_free2_eps6",
-    "ran_free2_eps8",
-)
+LIGHT_WEIGHT = tuple(light_weight_configs(RANConfig()))  # every named light-weight recipe, in its order
 # Each term of the default switched off in turn (`benchmarks/ablation.py` has more variants, one seed at a time).
 TERM_ABLATIONS = ("ran_no_adversarial_loss", "ran_no_kl", "ran_no_free_start", "ran_no_random_start")
 METHODS = PEERS + LIGHT_WEIGHT + TERM_ABLATIONS

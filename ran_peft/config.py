@@ -295,35 +295,27 @@ class RANConfig(LoraConfig):
             if self.attack_loss == "task":
                 # The one attack step is the free start's: the input gradient of the clean pass's task loss. A further
                 # step would need the task loss at the adversarial input, through the language model.
-                for name, wanted, ok in (
+                self._require(
+                    "adversarial_pass='image_features' and attack_loss='task' (the one attack step is the free "
+                    "start's input gradient of the clean task loss; more would run the language model on the "
+                    "adversarial input)",
                     ("free_start", "True", self.free_start),
                     ("attack_steps", "1", self.attack_steps == 1),
-                ):
-                    if not ok:
-                        _fail(
-                            name,
-                            getattr(self, name),
-                            f"{wanted} with adversarial_pass='image_features' and attack_loss='task' (the one "
-                            "attack step is the free start's input gradient of the clean task loss; more would run "
-                            "the language model on the adversarial input)",
-                        )
-            for name, wanted, ok in (
+                )
+            self._require(
+                "adversarial_pass='image_features' (its adversarial pass gives image features only, no task loss or "
+                "predictions)",
                 ("attack_loss", "'consistency' or 'task'", self.attack_loss in ("consistency", "task")),
                 ("consistency_weight", "a weight > 0", self.consistency_weight > 0),
                 ("kl_weight", "0", self.kl_weight == 0),
                 ("adversarial_weight", "0", self.adversarial_weight == 0),
                 ("reference_kl_weight", "0", self.reference_kl_weight == 0),
                 ("text_epsilon", "0", self.text_epsilon == 0),
-            ):
-                if not ok:
-                    _fail(
-                        name,
-                        getattr(self, name),
-                        f"{wanted} with adversarial_pass='image_features' (its "
-                        "adversarial pass gives image features only, no task loss or predictions)",
-                    )
+            )
         if self.free_replay > 1:
-            for name, wanted, ok in (
+            self._require(
+                "free_replay > 1 (each replay is one forward/backward whose input gradient makes the next replay's "
+                "perturbation)",
                 ("attack_every", "1", self.attack_every == 1),
                 ("adversarial_fraction", "1.0", self.adversarial_fraction == 1.0),
                 ("carry_perturbations", "False", not self.carry_perturbations),
@@ -332,14 +324,13 @@ class RANConfig(LoraConfig):
                 ("attack_loss", "'task'", self.attack_loss == "task"),
                 ("consistency_weight", "0", self.consistency_weight == 0),
                 ("reference_kl_weight", "0", self.reference_kl_weight == 0),
-            ):
-                if not ok:
-                    _fail(
-                        name,
-                        getattr(self, name),
-                        f"{wanted} with free_replay > 1 (each replay is one "
-                        "forward/backward whose input gradient makes the next replay's perturbation)",
-                    )
+            )
+
+    def _require(self, setting: str, *rules: tuple[str, str, bool]) -> None:
+        """Fail on the first `(field, wanted, ok)` rule that does not hold: the field must be `wanted` with `setting`."""
+        for name, wanted, ok in rules:
+            if not ok:
+                _fail(name, getattr(self, name), f"{wanted} with {setting}")
 
     # -- derived values ------------------------------------------------------------------------------------------
 

@@ -167,6 +167,15 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
       default (only every other step has one);
     - `ran_free2_eps6`, `ran_free2_eps8`: Free AT with 2 replays at 1.5 (2) times the budget.
     """
+    features = replace(
+        config,
+        adversarial_pass="image_features",
+        attack_loss="consistency",
+        consistency_weight=1.0,
+        kl_weight=0.0,
+        adversarial_weight=0.0,
+        free_start=False,
+    )
     return {
         "ran_every2": replace(config, attack_every=2),
         "ran_every3": replace(config, attack_every=3),
@@ -176,30 +185,13 @@ def light_weight_configs(config: RANConfig) -> dict[str, RANConfig]:
         ),
         "ran_boundary25": replace(config, adversarial_fraction=0.25),
         "ran_free2": replace(config, free_replay=2),
+        "ran_free3": replace(config, free_replay=3),
         "ran_free4": replace(config, free_replay=4),
         "ran_carry": replace(config, carry_perturbations=True),
-        "ran_features": replace(
-            config,
-            adversarial_pass="image_features",
-            attack_loss="consistency",
-            consistency_weight=1.0,
-            kl_weight=0.0,
-            adversarial_weight=0.0,
-            free_start=False,
-        ),
-        "ran_features_task": replace(
-            config,
-            adversarial_pass="image_features",
-            attack_loss="task",
-            consistency_weight=1.0,
-            kl_weight=0.0,
-            adversarial_weight=0.0,
-            free_start=True,
-            attack_steps=1,
-        ),
+        "ran_features": features,
+        "ran_features_task": replace(features, attack_loss="task", free_start=True, attack_steps=1),
         "ran_every3_eps8": replace(config, attack_every=3, epsilon=2 * config.epsilon),
         "ran_every4_eps8": replace(config, attack_every=4, epsilon=2 * config.epsilon),
-        "ran_free3": replace(config, free_replay=3),
         "ran_free2_kl2": replace(config, free_replay=2, kl_weight=2 * config.kl_weight),
         "ran_free2_eps6": replace(config, free_replay=2, epsilon=1.5 * config.epsilon),
         "ran_free2_eps8": replace(config, free_replay=2, epsilon=2 * config.epsilon),

@@ -709,11 +709,15 @@ def rectification_phase(state: RANStep) -> None:
 
 def _adversarial_kl_rows(state: RANStep) -> torch.Tensor:
     """The adversarial logits' counted rows for the KL."""
-    adversarial, kl_rows = state.adversarial, state.kl_rows
-    if kl_rows is not None and state.adversarial_weight > 0 and adversarial.loss.requires_grad:
-        # The adversarial task loss sends a dense gradient to these logits: the KL's rows join it in place.
-        return _RowsWithSparseGradient.apply(adversarial.logits, kl_rows.to(adversarial.logits.device))
-    return _select_rows(adversarial.logits, kl_rows)
+    return _kl_rows(state.adversarial, state.kl_rows, dense_gradient=state.adversarial_weight > 0)
+
+
+def _kl_rows(output: FamilyOutput, rows: torch.Tensor | None, dense_gradient: bool) -> torch.Tensor:
+    """`output`'s counted logit rows for the KL. `dense_gradient`: the output's task loss is in the step's loss too."""
+    if rows is not None and dense_gradient and output.loss.requires_grad:
+        # The task loss sends a dense gradient to these logits: the KL's rows join it in place.
+        return _RowsWithSparseGradient.apply(output.logits, rows.to(output.logits.device))
+    return _select_rows(output.logits, rows)
 
 
 def finish_step(state: RANStep) -> RANOutput:
@@ -798,7 +802,7 @@ def free_replay_phase(state: RANStep) -> RANOutput:
         if config.kl_weight > 0:
             _require_logits(state.model, config, output)
         kl_rows = _counted_rows(output.logits_mask)
-        clean_logits = _select_rows(output.logits.detach(), kl_rows) if config.kl_weight > 0 else None
+        rows_logits = _select_rows(output.logits.detach(), kl_rows) if output.logits is not None else None
         memory.replay = Replay(
             inputs=state.inputs,
             extra=state.extra,
@@ -807,13 +811,13 @@ def free_replay_phase(state: RANStep) -> RANOutput:
             clean_pixels=state.pixel_values.detach(),
             delta=torch.zeros_like(state.pixel_values.detach()),
             last_pixels=pixels,
-            clean_logits=clean_logits,
+            clean_logits=rows_logits if config.kl_weight > 0 else None,
             kl_rows=kl_rows,
             remaining=config.free_replay - 1,
         )
         state.loss = output.loss if config.task_weight == 1 else config.task_weight * output.loss
         state.parts["clean"] = output.loss.detach()
-        return _replay_output(state, output, kl_rows, state.inputs, pixels.detach())
+        return _replay_output(state, rows_logits, kl_rows, state.inputs, pixels.detach())
     gradient = replay.last_pixels.grad
     if gradient is None:
         raise RuntimeError(
@@ -835,13 +839,10 @@ def free_replay_phase(state: RANStep) -> RANOutput:
     state.share, state.loss = replay.share, None
     state.add(output.loss, config.task_weight)
     state.parts["adversarial"] = output.loss.detach()
+    rows_logits = None
     if config.kl_weight > 0:
-        rows = replay.kl_rows
-        if rows is not None and config.task_weight > 0 and output.loss.requires_grad:
-            # As in the default's adversarial pass: the KL's rows join the task loss's dense gradient in place.
-            adversarial_rows = _RowsWithSparseGradient.apply(output.logits, rows.to(output.logits.device))
-        else:
-            adversarial_rows = _select_rows(output.logits, rows)
+        adversarial_rows = _kl_rows(output, replay.kl_rows, dense_gradient=config.task_weight > 0)
+        rows_logits = adversarial_rows.detach()
         kl = rectification_kl(
             replay.clean_logits,
             adversarial_rows,
@@ -851,28 +852,26 @@ def free_replay_phase(state: RANStep) -> RANOutput:
         )
         state.add_part("kl", kl, config.kl_weight * state.ramp)
     state.parts["epsilon"] = torch.tensor(state.epsilon)
-    return _replay_output(state, output, replay.kl_rows, replay.inputs, adversarial.detach())
+    if rows_logits is None and output.logits is not None:
+        rows_logits = _select_rows(output.logits.detach(), replay.kl_rows)
+    return _replay_output(state, rows_logits, replay.kl_rows, replay.inputs, adversarial.detach())
 
 
 def _replay_output(
     state: RANStep,
-    output: FamilyOutput,
+    rows_logits: torch.Tensor | None,
     kl_rows: torch.Tensor | None,
     inputs: Mapping[str, Any],
     pixels: torch.Tensor,
 ) -> RANOutput:
-    """A replay's output: small logits as they are, a generative VLM's counted rows with the labels they belong to."""
-    logits = counted = None
-    if output.logits is not None and kl_rows is None:
-        logits = output.logits.detach()
-    elif output.logits is not None:
-        counted = _select_rows(output.logits.detach(), kl_rows)
+    """A replay's output: `rows_logits` (its detached counted logit rows) as the logits of a model with small ones,
+    as a generative VLM's counted rows with the labels they belong to otherwise."""
     return RANOutput(
         loss=state.loss,
-        logits=logits,
+        logits=rows_logits if kl_rows is None else None,
         parts=state.parts,
         adversarial_pixel_values=pixels,
-        counted_logits=counted,
+        counted_logits=rows_logits if kl_rows is not None else None,
         labels=inputs.get("labels"),
     )
 

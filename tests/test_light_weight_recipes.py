@@ -210,36 +210,48 @@ def test_free_replay_needs_the_backward_between_replays():
         ran_loss(model, case.batch, config, pixel_box=BOX, memory=memory)
 
 
-def test_image_feature_pass_runs_no_language_model_and_gives_the_written_loss():
-    case = tm.llava()
+def _image_feature_step(case, **recipe):
+    """One `adversarial_pass='image_features'` step on a tiny LLaVA, backward included: the model, its config, the
+    step's output and its gradients. The language model runs once (the clean pass): neither the attack nor the
+    adversarial pass runs it."""
     model, config = _peft(
         case,
         adversarial_pass="image_features",
-        attack_loss="consistency",
-        consistency_weight=3.0,
         kl_weight=0.0,
         adversarial_weight=0.0,
-        free_start=False,
         target_modules=r".*(q_proj|v_proj|linear_1|linear_2)",
+        **recipe,
     )
     language_model = model.base_model.model.model.language_model
     calls = []
     language_model.register_forward_hook(lambda *args: calls.append(1))
     output = ran_loss(model, case.batch, config, pixel_box=BOX)
-    assert len(calls) == 1  # the clean pass only: neither the attack nor the adversarial pass runs it
+    assert len(calls) == 1
     output.loss.backward()
-    ours = _gradients(model)
-    moved = _in_pixels(output.adversarial_pixel_values) - _in_pixels(case.batch["pixel_values"])
-    assert 0 < moved.abs().max().item() <= config.epsilon + 1e-6
+    return model, config, output, _gradients(model)
 
-    family = detect_family(model)
-    clean = family.run(model, case.batch, case.batch["pixel_values"])
+
+def _image_feature_reference(model, case, output, weight):
+    """The written loss: the clean task loss + `weight` * |z(x + delta) - z_0(x)|^2 (features of the vision tower and
+    projector, z_0 with the adapter disabled); returns it and the consistency term."""
+    clean = detect_family(model).run(model, case.batch, case.batch["pixel_values"])
     with torch.no_grad(), model.disable_adapter():
         reference_features = vision_tower_features(model, case.batch, case.batch["pixel_values"])
     adversarial_features = vision_tower_features(model, case.batch, output.adversarial_pixel_values)
     assert adversarial_features.shape == (2 * (tm.IMAGE_SIZE // 4) ** 2, 32)  # one row per image token
     consistency = (adversarial_features - reference_features).pow(2).sum(-1).mean()
-    reference = clean.loss + 3.0 * consistency
+    return clean.loss + weight * consistency, consistency
+
+
+def test_image_feature_pass_runs_no_language_model_and_gives_the_written_loss():
+    case = tm.llava()
+    model, config, output, ours = _image_feature_step(
+        case, attack_loss="consistency", consistency_weight=3.0, free_start=False
+    )
+    moved = _in_pixels(output.adversarial_pixel_values) - _in_pixels(case.batch["pixel_values"])
+    assert 0 < moved.abs().max().item() <= config.epsilon + 1e-6
+
+    reference, consistency = _image_feature_reference(model, case, output, 3.0)
     assert output.parts["consistency"].item() == pytest.approx(consistency.item(), rel=1e-5)
     assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
     reference.backward()
@@ -250,36 +262,16 @@ def test_image_feature_pass_with_the_task_attack_steps_along_the_clean_answer_gr
     """attack_loss='task': the one attack step is the clean task loss's input gradient (free start), so the language
     model still runs once; the perturbation is eps * sign(that gradient), cut to the pixel box."""
     case = tm.llava()
-    model, config = _peft(
-        case,
-        adversarial_pass="image_features",
-        attack_loss="task",
-        consistency_weight=2.0,
-        kl_weight=0.0,
-        adversarial_weight=0.0,
-        random_start=False,
-        target_modules=r".*(q_proj|v_proj|linear_1|linear_2)",
+    model, config, output, ours = _image_feature_step(
+        case, attack_loss="task", consistency_weight=2.0, random_start=False
     )
-    language_model = model.base_model.model.model.language_model
-    calls = []
-    language_model.register_forward_hook(lambda *args: calls.append(1))
-    output = ran_loss(model, case.batch, config, pixel_box=BOX)
-    assert len(calls) == 1
-    output.loss.backward()
-    ours = _gradients(model)
-
-    family = detect_family(model)
     pixels = case.batch["pixel_values"].detach().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(family.run(model, case.batch, pixels).loss, [pixels])
+    (gradient,) = torch.autograd.grad(detect_family(model).run(model, case.batch, pixels).loss, [pixels])
     clean_pixels = _in_pixels(case.batch["pixel_values"])
     expected = (clean_pixels + config.epsilon * gradient.sign()).clamp(0, 1)
     torch.testing.assert_close(_in_pixels(output.adversarial_pixel_values), expected, rtol=0, atol=1e-5)
 
-    clean = family.run(model, case.batch, case.batch["pixel_values"])
-    with torch.no_grad(), model.disable_adapter():
-        reference_features = vision_tower_features(model, case.batch, case.batch["pixel_values"])
-    adversarial_features = vision_tower_features(model, case.batch, output.adversarial_pixel_values)
-    reference = clean.loss + 2.0 * (adversarial_features - reference_features).pow(2).sum(-1).mean()
+    reference, _ = _image_feature_reference(model, case, output, 2.0)
     assert output.loss.item() == pytest.approx(reference.item(), rel=1e-5)
     reference.backward()
     _assert_same_gradients(ours, _gradients(model))
